@@ -1,0 +1,107 @@
+"""Where things live on disk. Every path of the workspace is built here and nowhere else.
+
+Layout under ``MEDART_HOME`` (default ``./workspace``)::
+
+    captions.sqlite            caption store (images, events), WAL mode
+    datasets/<name>/images/    normalised RGB PNGs, named by pixel hash
+    datasets/<name>/manifest.jsonl
+    datasets/<name>/prompts.json   per-dataset prompt templates (captions)
+    runs/<run>/                training runs (config, metrics.jsonl, checkpoints/, validation/)
+    cache/                     feature caches (T5 embeddings, VAE latents), real-image features
+    samples/                   generated images with JSON sidecars
+    exports/                   caption exports, merged models
+    tmp/                       staging for atomic writes (same filesystem as the targets)
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+ENV_VAR = "MEDART_HOME"
+DEFAULT_HOME = "workspace"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Dataset and run names become folder names: keep them to a safe alphabet."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"Invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Workspace":
+        """Open (and create) a workspace; ``root`` defaults to ``$MEDART_HOME`` or ``./workspace``."""
+        if root is None:
+            root = os.environ.get(ENV_VAR) or DEFAULT_HOME
+        ws = cls(Path(root).expanduser().resolve())
+        ws.root.mkdir(parents=True, exist_ok=True)
+        return ws
+
+    # --- top level -------------------------------------------------------------------------
+    @property
+    def captions_db(self) -> Path:
+        return self.root / "captions.sqlite"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def tmp_dir(self) -> Path:
+        p = self.root / "tmp"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # --- datasets --------------------------------------------------------------------------
+    def dataset_dir(self, name: str) -> Path:
+        return self.datasets_dir / validate_name(name, "dataset name")
+
+    def images_dir(self, name: str) -> Path:
+        return self.dataset_dir(name) / "images"
+
+    def manifest_path(self, name: str) -> Path:
+        return self.dataset_dir(name) / "manifest.jsonl"
+
+    def prompts_path(self, name: str) -> Path:
+        return self.dataset_dir(name) / "prompts.json"
+
+    def image_path(self, dataset: str, file_name: str) -> Path:
+        """Absolute path of an image given its stored relative ``file_name`` (e.g. ``images/ab12.png``)."""
+        p = (self.dataset_dir(dataset) / file_name).resolve()
+        if self.dataset_dir(dataset).resolve() not in p.parents:
+            raise ConfigError(f"Stored file name {file_name!r} escapes the dataset folder.")
+        return p
+
+    # --- runs ------------------------------------------------------------------------------
+    def run_dir(self, run: str) -> Path:
+        return self.runs_dir / validate_name(run, "run name")
+
+    def feature_cache_dir(self, key: str) -> Path:
+        return self.cache_dir / "features" / validate_name(key, "cache key")
