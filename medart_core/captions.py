@@ -1,0 +1,1119 @@
+"""The caption store: datasets, images and an append-only log of caption events in one SQLite file.
+
+Every change to a caption is a new row in ``events`` (VLM/template draft, human edit, status change,
+comment, restore); rows are never updated or deleted (triggers enforce it). What the studio shows as
+"the caption" is *derived* from that log by one small fold (:func:`_fold`), so a VLM draft can never
+silently overwrite a reviewer's words and every earlier text stays restorable.
+
+A ``state`` table caches the fold's result per image so the caption studio can list 10,000 images in
+one query. It is written in the same transaction as the event that changes it, and
+:meth:`CaptionStore.rebuild_state` recomputes it from the log alone (the log is the source of truth).
+
+Concurrency: the studio is multi-threaded and training/captioning jobs run in other processes, so
+every connection is per thread and per process, the database runs in WAL mode (readers never block
+the writer), and each write is one short ``BEGIN IMMEDIATE`` transaction. Human writes carry the
+``expected_version`` the reviewer saw (the id of the image's latest event); if anything was written
+since, :class:`~medart_core.errors.ConflictError` is raised and nothing changes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Sequence
+
+from .errors import ConfigError, ConflictError, MedArtError, NotFoundError
+from .workspace import validate_name
+
+STATUSES = ("pending", "approved", "rejected", "needs-second-read")
+EVENT_KINDS = ("draft", "edit", "status", "comment", "restore")
+# Kinds whose text is a caption (comments carry text too, but it is never a caption).
+CAPTION_KINDS = ("draft", "edit", "restore")
+HUMAN_TEXT_KINDS = ("edit", "restore")
+MAX_CAPTION_CHARS = 4000
+MAX_REVIEWER_CHARS = 200
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+__all__ = [
+    "STATUSES", "EVENT_KINDS", "MAX_CAPTION_CHARS", "ImageRecord", "CaptionEvent", "CaptionState",
+    "DatasetInfo", "ExportReport", "BatchResult", "UndoReport", "CaptionImportReport", "CaptionStore",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ImageRecord:
+    id: int | None          # assigned by the store
+    dataset: str
+    file_name: str          # relative to ws.dataset_dir(dataset), e.g. "images/3fa9c1e2d4b5a6f7.png"
+    label: str              # class
+    pixel_hash: str         # sha256 hex of the normalised RGB pixels (data.pixel_hash)
+    width: int
+    height: int
+    source: dict = field(default_factory=dict)   # provenance (package, file, frame, licence, original name…)
+
+
+@dataclass
+class CaptionEvent:
+    id: int
+    image_id: int
+    kind: str               # "draft" | "edit" | "status" | "comment" | "restore"
+    text: str | None
+    status: str | None
+    reviewer: str | None
+    source: str | None      # drafts: "template", "vlm:<model id>", "shorten:<model id>", "import"
+    prompt: str | None
+    params: dict | None
+    seed: int | None
+    note: str | None
+    created_at: str         # ISO 8601, UTC
+    batch_id: str | None    # batch operations (undo as one unit)
+
+
+@dataclass
+class CaptionState:
+    image_id: int
+    text: str
+    status: str
+    version: int            # id of the image's latest event (0 if none): the token for optimistic writes
+    caption_version: int    # id of the event that set the current text (0 if none)
+    latest_draft: CaptionEvent | None
+    edited: bool            # a human edit/restore has set the text
+    reviewer: str | None    # who made the latest human edit/restore/status change
+    updated_at: str | None
+    label: str | None = None
+    file_name: str | None = None
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    modality: str
+    n_images: int
+    created_at: str
+    meta: dict = field(default_factory=dict)
+    status_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    format: str                         # "imagefolder" | "medart_csv"
+    status: str                         # which captions were exported ("approved" or "all", …)
+    exported: int
+    skipped_by_status: dict[str, int]   # images left out, by their status
+    splits: dict[str, int]              # images per split ("train"/"validation"; "all" for CSV)
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped_by_status.values())
+        parts = ", ".join(f"{k}: {v}" for k, v in self.splits.items())
+        why = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped_by_status.items()))
+        return (f"Exported {self.exported} image(s) with {self.status} captions to {self.out_dir} ({parts})"
+                + (f"; left out {skipped} ({why})." if skipped else "."))
+
+
+@dataclass
+class BatchResult:
+    batch_id: str                                                    # pass to undo_batch to revert it
+    events: list[CaptionEvent] = field(default_factory=list)         # written
+    conflicts: list[tuple[int, int, int]] = field(default_factory=list)  # (image id, expected, actual): skipped
+
+    def summary(self) -> str:
+        s = f"Changed {len(self.events)} image(s)"
+        if self.conflicts:
+            s += f"; {len(self.conflicts)} skipped because someone changed them meanwhile (reload and retry)"
+        return s + "."
+
+
+@dataclass
+class UndoReport:
+    batch_id: str
+    reverted: list[int] = field(default_factory=list)            # image ids put back
+    unchanged: list[int] = field(default_factory=list)           # batch left them as they were
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (image id, why not undone)
+    undo_batch_id: str | None = None                             # batch id of the compensating events
+
+    def summary(self) -> str:
+        s = f"Undid batch {self.batch_id}: {len(self.reverted)} image(s) restored"
+        if self.unchanged:
+            s += f", {len(self.unchanged)} already as before"
+        if self.skipped:
+            s += f", {len(self.skipped)} skipped because they changed after the batch"
+        return s + "."
+
+
+@dataclass
+class CaptionImportReport:
+    dataset: str
+    added: int
+    batch_id: str | None
+    unmatched: list[tuple[int, str, str]] = field(default_factory=list)  # (row number, file_name, why)
+
+    def summary(self) -> str:
+        s = f"Imported {self.added} caption draft(s) into {self.dataset}"
+        if self.unmatched:
+            s += f"; {len(self.unmatched)} row(s) not used (first: row {self.unmatched[0][0]} " \
+                 f"{self.unmatched[0][1]!r}: {self.unmatched[0][2]})"
+        return s + "."
+
+
+# ------------------------------------------------------------------------------------------------
+# The fold: current caption/status from the event log
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Derived:
+    text: str = ""
+    caption_event: int = 0
+    status: str = "pending"
+    version: int = 0
+    latest_draft: int | None = None
+    edited: bool = False
+    reviewer: str | None = None
+    updated_at: str | None = None
+
+
+def _fold(d: _Derived, ev_id: int, kind: str, text: str | None, status: str | None,
+          reviewer: str | None, created_at: str) -> _Derived:
+    """Apply one event. The single place where the caption rules live (writes and rebuild share it)."""
+    d = replace(d, version=ev_id, updated_at=created_at)
+    if kind == "draft":
+        d.latest_draft = ev_id
+        # A machine draft fills in a caption nobody has written or signed off yet, never more.
+        if not d.edited and d.status != "approved":
+            d.text, d.caption_event = text or "", ev_id
+    elif kind in HUMAN_TEXT_KINDS:
+        d.text, d.caption_event, d.edited, d.reviewer = text or "", ev_id, True, reviewer
+    elif kind == "status":
+        d.status, d.reviewer = status or "pending", reviewer
+    # "comment": only the version moves (someone looked at the image and said something).
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation helpers
+# ------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _check_text(text: Any, what: str = "Caption") -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be text, got {type(text).__name__}.")
+    # Browsers submit textareas with CRLF; one newline convention keeps diffs and exports stable.
+    text = text.replace("\r\n", "\n")
+    if "\x00" in text:
+        raise ConfigError(f"{what} contains a NUL character; remove it and save again.")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise ConfigError(
+            f"{what} is {len(text):,} characters long; the store accepts at most {MAX_CAPTION_CHARS:,}. "
+            "Shorten it (PixArt-α reads only the first 120 T5 tokens anyway) and save again."
+        )
+    return text
+
+
+def _check_reviewer(reviewer: Any) -> str:
+    if not isinstance(reviewer, str) or not reviewer.strip():
+        raise ConfigError("A reviewer name is required for edits and status changes: sign in or enter your name.")
+    if len(reviewer) > MAX_REVIEWER_CHARS:
+        raise ConfigError(f"Reviewer name is longer than {MAX_REVIEWER_CHARS} characters.")
+    return reviewer.strip()
+
+
+def _check_status(status: Any) -> str:
+    if status not in STATUSES:
+        raise ConfigError(f"Unknown caption status {status!r}; use one of: {', '.join(STATUSES)}.")
+    return status
+
+
+def _check_version(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"expected_version must be a non-negative integer (the version you loaded), got {v!r}.")
+    return v
+
+
+def _json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _check_rel_name(file_name: Any) -> str:
+    if not isinstance(file_name, str) or not file_name or "\\" in file_name or "\x00" in file_name:
+        raise ConfigError(f"Invalid image file name {file_name!r}: use a relative POSIX path like 'images/ab12.png'.")
+    p = PurePosixPath(file_name)
+    if p.is_absolute() or ".." in p.parts:
+        raise ConfigError(f"Image file name {file_name!r} must stay inside the dataset folder.")
+    return file_name
+
+
+_EVENT_COLS = "id, image_id, kind, text, status, reviewer, source, prompt, params, seed, note, created_at, batch_id"
+_STATE_COLS = "text, caption_event, status, version, latest_draft, edited, reviewer, updated_at"
+_IMAGE_COLS = "id, dataset, file_name, label, pixel_hash, width, height, source"
+
+
+def _event(row: Sequence[Any]) -> CaptionEvent:
+    return CaptionEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                        json.loads(row[8]) if row[8] is not None else None,
+                        row[9], row[10], row[11], row[12])
+
+
+def _image(row: Sequence[Any]) -> ImageRecord:
+    return ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7] or "{}"))
+
+
+def _derived(row: Sequence[Any]) -> _Derived:
+    return _Derived(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    name        TEXT PRIMARY KEY,
+    modality    TEXT NOT NULL,
+    meta        TEXT NOT NULL DEFAULT '{}',
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id          INTEGER PRIMARY KEY,
+    dataset     TEXT NOT NULL REFERENCES datasets(name),
+    file_name   TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    pixel_hash  TEXT NOT NULL,
+    width       INTEGER NOT NULL,
+    height      INTEGER NOT NULL,
+    source      TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (dataset, pixel_hash),
+    UNIQUE (dataset, file_name)
+);
+CREATE INDEX IF NOT EXISTS images_by_label ON images (dataset, label, id);
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: ids double as version tokens
+    image_id    INTEGER NOT NULL REFERENCES images(id),
+    kind        TEXT NOT NULL CHECK (kind IN ('draft', 'edit', 'status', 'comment', 'restore')),
+    text        TEXT,
+    status      TEXT,
+    reviewer    TEXT,
+    source      TEXT,
+    prompt      TEXT,
+    params      TEXT,
+    seed        INTEGER,
+    note        TEXT,
+    batch_id    TEXT,
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_image ON events (image_id, id);
+CREATE INDEX IF NOT EXISTS events_by_batch ON events (batch_id, image_id) WHERE batch_id IS NOT NULL;
+CREATE TRIGGER IF NOT EXISTS events_append_only_u BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'caption events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_d BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'caption events are append-only'); END;
+-- Derived cache of _fold over each image's events; rebuild_state() recomputes it from the log.
+CREATE TABLE IF NOT EXISTS state (
+    image_id      INTEGER PRIMARY KEY REFERENCES images(id),
+    text          TEXT NOT NULL DEFAULT '',
+    caption_event INTEGER NOT NULL DEFAULT 0,
+    status        TEXT NOT NULL DEFAULT 'pending',
+    version       INTEGER NOT NULL DEFAULT 0,
+    latest_draft  INTEGER,
+    edited        INTEGER NOT NULL DEFAULT 0,
+    reviewer      TEXT,
+    updated_at    TEXT
+);
+CREATE INDEX IF NOT EXISTS state_by_status ON state (status);
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# The store
+# ------------------------------------------------------------------------------------------------
+class CaptionStore:
+    """Caption store over one SQLite file; safe to share between threads and to open from many processes."""
+
+    def __init__(self, db_path: str | os.PathLike):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._setup_locals()
+        self._init_schema()
+
+    @classmethod
+    def for_workspace(cls, ws) -> "CaptionStore":
+        return cls(ws.captions_db)
+
+    # --- connections ----------------------------------------------------------------------------
+    def _setup_locals(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        self._closed = False
+
+    def __getstate__(self) -> dict:
+        # Connections cannot cross processes: a pickled store reopens the same file on the other side.
+        return {"db_path": self.db_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.db_path = state["db_path"]
+        self._setup_locals()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("This CaptionStore is closed.")
+        if os.getpid() != self._pid:
+            # Forked child: the parent's connections must not be used (or closed) here.
+            self._setup_locals()
+        con = getattr(self._local, "con", None)
+        if con is None:
+            # One connection per thread; check_same_thread=False only so close() may close them all.
+            con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                  check_same_thread=False)
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("PRAGMA synchronous = FULL")   # reviewers' edits must survive a power cut
+            self._local.con = con
+            with self._lock:
+                self._conns.append(con)
+        return con
+
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread). The store is unusable afterwards."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._closed = True
+        if os.getpid() == self._pid:
+            for con in conns:
+                try:
+                    con.close()
+                except sqlite3.Error:
+                    pass
+
+    def __enter__(self) -> "CaptionStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; IMMEDIATE takes the write lock up front, so the version check
+        and the insert see the same database (no other writer can slip in between)."""
+        con = self._conn()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise MedArtError(
+                    f"The caption database is busy (another process held it for over "
+                    f"{BUSY_TIMEOUT_MS // 1000} s); try again in a moment."
+                ) from e
+            raise
+        try:
+            yield con
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        else:
+            con.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read snapshot across several statements (WAL: never blocks, never blocked by the writer)."""
+        con = self._conn()
+        con.execute("BEGIN")
+        try:
+            yield con
+        finally:
+            if con.in_transaction:
+                con.execute("COMMIT")
+
+    def _init_schema(self) -> None:
+        con = self._conn()
+        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            # e.g. a network filesystem without shared memory; still correct, just less concurrent.
+            import warnings
+            warnings.warn(f"Caption store {self.db_path} could not use WAL mode (got {mode!r}); "
+                          "readers may wait for writers.", RuntimeWarning, stacklevel=3)
+        with self._write() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.db_path} was written by a newer Med-Art Studio (schema {version}, this one "
+                    f"knows {SCHEMA_VERSION}); upgrade Med-Art Studio to open it."
+                )
+            if version < SCHEMA_VERSION:
+                for stmt in _SCHEMA.split(";\n"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # --- datasets -------------------------------------------------------------------------------
+    def create_dataset(self, name: str, *, modality: str = "generic", meta: dict | None = None) -> None:
+        validate_name(name, "dataset name")
+        if not isinstance(modality, str) or not modality.strip():
+            raise ConfigError("Modality must be a non-empty text such as 'endoscopy' or 'generic'.")
+        meta_json = _json(meta or {}, "Dataset metadata")
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
+                raise ConfigError(f"Dataset {name!r} already exists: pick another name or import into it.")
+            con.execute("INSERT INTO datasets (name, modality, meta, created_at) VALUES (?, ?, ?, ?)",
+                        (name, modality, meta_json, _now()))
+
+    def has_dataset(self, name: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
+
+    def _require_dataset(self, con: sqlite3.Connection, name: str) -> None:
+        if not con.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
+            raise NotFoundError(f"No dataset named {name!r}; import images first or pick one from the list.")
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        with self._read() as con:
+            rows = con.execute("SELECT name, modality, meta, created_at FROM datasets ORDER BY name").fetchall()
+            counts: dict[str, dict[str, int]] = {}
+            for ds, status, n in con.execute(
+                "SELECT i.dataset, s.status, COUNT(*) FROM images i JOIN state s ON s.image_id = i.id "
+                "GROUP BY i.dataset, s.status"
+            ):
+                counts.setdefault(ds, {})[status] = n
+        return [DatasetInfo(name, modality, sum(counts.get(name, {}).values()), created, json.loads(meta),
+                            dict(counts.get(name, {})))
+                for name, modality, meta, created in rows]
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        for info in self.list_datasets():
+            if info.name == name:
+                return info
+        raise NotFoundError(f"No dataset named {name!r}; import images first or pick one from the list.")
+
+    # --- images ---------------------------------------------------------------------------------
+    def add_images(self, dataset: str, records: list[ImageRecord], *,
+                   drafts: list[tuple[str, str] | None] | None = None) -> list[int]:
+        """Add images (and optionally one initial draft ``(text, source)`` each) in ONE transaction."""
+        if drafts is not None and len(drafts) != len(records):
+            raise ConfigError(f"add_images got {len(records)} records but {len(drafts)} drafts; pass one per record.")
+        rows = []
+        for i, r in enumerate(records):
+            if r.dataset != dataset:
+                raise ConfigError(f"Record {r.file_name!r} belongs to dataset {r.dataset!r}, not {dataset!r}.")
+            _check_rel_name(r.file_name)
+            if not isinstance(r.label, str):
+                raise ConfigError(f"Label of {r.file_name!r} must be text.")
+            if not isinstance(r.pixel_hash, str) or not r.pixel_hash:
+                raise ConfigError(f"Image {r.file_name!r} has no pixel hash.")
+            for v in (r.width, r.height):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ConfigError(f"Image {r.file_name!r} has invalid size {r.width}x{r.height}.")
+            draft = drafts[i] if drafts is not None else None
+            if draft is not None:
+                text, source = draft
+                draft = (_check_text(text, f"Draft caption for {r.file_name!r}"), _check_source(source))
+            rows.append((r, _json(r.source or {}, f"Source of {r.file_name!r}"), draft))
+        ids: list[int] = []
+        with self._write() as con:
+            self._require_dataset(con, dataset)
+            now = _now()
+            for r, source_json, draft in rows:
+                try:
+                    cur = con.execute(
+                        "INSERT INTO images (dataset, file_name, label, pixel_hash, width, height, source) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (dataset, r.file_name, r.label, r.pixel_hash, r.width, r.height, source_json))
+                except sqlite3.IntegrityError as e:
+                    what = "pixels" if "pixel_hash" in str(e) else "file name"
+                    raise ConfigError(
+                        f"Image {r.file_name!r} has the same {what} as an image already in dataset {dataset!r}; "
+                        "nothing was added. Skip duplicates (has_pixel_hash) before adding."
+                    ) from None
+                image_id = int(cur.lastrowid)
+                ids.append(image_id)
+                d = _Derived()
+                if draft is not None:
+                    ev = self._insert_event(con, image_id, "draft", text=draft[0], source=draft[1], created_at=now)
+                    d = _fold(d, ev, "draft", draft[0], None, None, now)
+                self._write_state(con, image_id, d, insert=True)
+        return ids
+
+    def has_pixel_hash(self, dataset: str, pixel_hash: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM images WHERE dataset = ? AND pixel_hash = ?",
+                                    (dataset, pixel_hash)).fetchone() is not None
+
+    def get_image(self, image_id: int) -> ImageRecord:
+        row = self._conn().execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No image with id {image_id}; it may belong to a deleted or re-imported dataset.")
+        return _image(row)
+
+    def _image_where(self, dataset: str, label: str | None, status: str | None) -> tuple[str, list[Any]]:
+        where, args = ["i.dataset = ?"], [dataset]
+        if label is not None:
+            where.append("i.label = ?")
+            args.append(label)
+        if status is not None:
+            where.append("s.status = ?")
+            args.append(_check_status(status))
+        return " AND ".join(where), args
+
+    def list_images(self, dataset: str, *, offset: int = 0, limit: int | None = None,
+                    label: str | None = None, status: str | None = None) -> list[ImageRecord]:
+        where, args = self._image_where(dataset, label, status)
+        with self._read() as con:
+            self._require_dataset(con, dataset)
+            rows = con.execute(
+                f"SELECT {', '.join('i.' + c.strip() for c in _IMAGE_COLS.split(','))} FROM images i "
+                f"JOIN state s ON s.image_id = i.id WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
+                (*args, -1 if limit is None else int(limit), int(offset))).fetchall()
+        return [_image(r) for r in rows]
+
+    def count_images(self, dataset: str, *, label: str | None = None, status: str | None = None) -> int:
+        where, args = self._image_where(dataset, label, status)
+        with self._read() as con:
+            self._require_dataset(con, dataset)
+            return con.execute(f"SELECT COUNT(*) FROM images i JOIN state s ON s.image_id = i.id WHERE {where}",
+                               args).fetchone()[0]
+
+    def labels(self, dataset: str) -> list[str]:
+        with self._read() as con:
+            self._require_dataset(con, dataset)
+            return [r[0] for r in con.execute(
+                "SELECT DISTINCT label FROM images WHERE dataset = ? ORDER BY label", (dataset,))]
+
+    # --- events: low level ----------------------------------------------------------------------
+    def _insert_event(self, con: sqlite3.Connection, image_id: int, kind: str, *, text: str | None = None,
+                      status: str | None = None, reviewer: str | None = None, source: str | None = None,
+                      prompt: str | None = None, params: dict | None = None, seed: int | None = None,
+                      note: str | None = None, batch_id: str | None = None, created_at: str) -> int:
+        cur = con.execute(
+            "INSERT INTO events (image_id, kind, text, status, reviewer, source, prompt, params, seed, note, "
+            "batch_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (image_id, kind, text, status, reviewer, source, prompt,
+             None if params is None else _json(params, "Draft parameters"), seed, note, batch_id, created_at))
+        return int(cur.lastrowid)
+
+    def _write_state(self, con: sqlite3.Connection, image_id: int, d: _Derived, *, insert: bool = False) -> None:
+        vals = (d.text, d.caption_event, d.status, d.version, d.latest_draft, int(d.edited), d.reviewer,
+                d.updated_at)
+        if insert:
+            con.execute(f"INSERT OR REPLACE INTO state (image_id, {_STATE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (image_id, *vals))
+        else:
+            con.execute("UPDATE state SET text = ?, caption_event = ?, status = ?, version = ?, latest_draft = ?, "
+                        "edited = ?, reviewer = ?, updated_at = ? WHERE image_id = ?", (*vals, image_id))
+
+    def _load_state(self, con: sqlite3.Connection, image_id: int) -> _Derived:
+        row = con.execute(f"SELECT {_STATE_COLS} FROM state WHERE image_id = ?", (image_id,)).fetchone()
+        if row is not None:
+            return _derived(row)
+        if con.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+            raise NotFoundError(f"No image with id {image_id}; reload the dataset list.")
+        d = self._replay(con, image_id)          # cache row missing: derive it from the log
+        self._write_state(con, image_id, d, insert=True)
+        return d
+
+    @staticmethod
+    def _replay(con: sqlite3.Connection, image_id: int, before: int | None = None) -> _Derived:
+        d = _Derived()
+        q = "SELECT id, kind, text, status, reviewer, created_at FROM events WHERE image_id = ?"
+        args: tuple = (image_id,)
+        if before is not None:
+            q += " AND id < ?"
+            args = (image_id, before)
+        for ev_id, kind, text, status, reviewer, created_at in con.execute(q + " ORDER BY id", args):
+            d = _fold(d, ev_id, kind, text, status, reviewer, created_at)
+        return d
+
+    def _append(self, con: sqlite3.Connection, image_id: int, kind: str, *,
+                expected_version: int | None = None, **fields: Any) -> CaptionEvent:
+        """Insert one event and update the cache, inside the caller's write transaction."""
+        d = self._load_state(con, image_id)
+        if expected_version is not None and d.version != expected_version:
+            raise ConflictError(
+                f"The caption of image {image_id} changed since you loaded it (you had version "
+                f"{expected_version}, it is now {d.version}); nothing was saved. Reload the image, "
+                "check the current text, then apply your change again.",
+                expected=expected_version, actual=d.version, current_text=d.text)
+        now = _now()
+        ev_id = self._insert_event(con, image_id, kind, created_at=now, **fields)
+        d = _fold(d, ev_id, kind, fields.get("text"), fields.get("status"), fields.get("reviewer"), now)
+        self._write_state(con, image_id, d)
+        row = con.execute(f"SELECT {_EVENT_COLS} FROM events WHERE id = ?", (ev_id,)).fetchone()
+        return _event(row)
+
+    # --- events: public writes ------------------------------------------------------------------
+    def add_draft(self, image_id: int, text: str, *, source: str, prompt: str | None = None,
+                  params: dict | None = None, seed: int | None = None, note: str | None = None,
+                  reviewer: str | None = None, batch_id: str | None = None) -> CaptionEvent:
+        """Record a machine draft. It becomes the caption only while no human has written or approved one."""
+        text = _check_text(text, "Draft caption")
+        fields = _draft_fields(source, prompt, params, seed, note, reviewer, batch_id)
+        with self._write() as con:
+            return self._append(con, image_id, "draft", text=text, **fields)
+
+    def add_drafts(self, items: list[tuple[int, str]], *, source: str, prompt: str | None = None,
+                   params: dict | None = None, seed: int | None = None, batch_id: str | None = None
+                   ) -> list[CaptionEvent]:
+        """Many drafts ``(image_id, text)`` in one transaction (captioning jobs write in chunks)."""
+        checked = [(image_id, _check_text(text, f"Draft caption for image {image_id}")) for image_id, text in items]
+        fields = _draft_fields(source, prompt, params, seed, None, None, batch_id)
+        with self._write() as con:
+            return [self._append(con, image_id, "draft", text=text, **fields) for image_id, text in checked]
+
+    def edit(self, image_id: int, text: str, *, reviewer: str, expected_version: int,
+             batch_id: str | None = None) -> CaptionEvent:
+        text = _check_text(text)
+        reviewer = _check_reviewer(reviewer)
+        expected_version = _check_version(expected_version)
+        with self._write() as con:
+            return self._append(con, image_id, "edit", text=text, reviewer=reviewer, batch_id=batch_id,
+                                expected_version=expected_version)
+
+    def set_status(self, image_id: int, status: str, *, reviewer: str, expected_version: int,
+                   note: str | None = None, batch_id: str | None = None) -> CaptionEvent:
+        status = _check_status(status)
+        reviewer = _check_reviewer(reviewer)
+        expected_version = _check_version(expected_version)
+        if note is not None:
+            note = _check_text(note, "Note")
+        with self._write() as con:
+            return self._append(con, image_id, "status", status=status, reviewer=reviewer, note=note,
+                                batch_id=batch_id, expected_version=expected_version)
+
+    def approve(self, image_id: int, *, reviewer: str, expected_version: int,
+                batch_id: str | None = None) -> CaptionEvent:
+        return self.set_status(image_id, "approved", reviewer=reviewer, expected_version=expected_version,
+                               batch_id=batch_id)
+
+    def comment(self, image_id: int, text: str, *, reviewer: str) -> CaptionEvent:
+        text = _check_text(text, "Comment")
+        if not text.strip():
+            raise ConfigError("A comment cannot be empty.")
+        reviewer = _check_reviewer(reviewer)
+        with self._write() as con:
+            return self._append(con, image_id, "comment", text=text, reviewer=reviewer)
+
+    def restore(self, image_id: int, event_id: int, *, reviewer: str, expected_version: int,
+                batch_id: str | None = None) -> CaptionEvent:
+        """Make an earlier caption text (draft, edit or restore ``event_id``) current again, as a new event."""
+        reviewer = _check_reviewer(reviewer)
+        expected_version = _check_version(expected_version)
+        with self._write() as con:
+            row = con.execute("SELECT image_id, kind, text FROM events WHERE id = ?", (event_id,)).fetchone()
+            if row is None or row[0] != image_id:
+                raise NotFoundError(f"Image {image_id} has no event {event_id}; pick one from its history.")
+            if row[1] not in CAPTION_KINDS:
+                raise ConfigError(f"Event {event_id} is a {row[1]!r} event, not a caption; pick a draft, "
+                                  "edit or restore from the history.")
+            return self._append(con, image_id, "restore", text=row[2], reviewer=reviewer, batch_id=batch_id,
+                                note=f"restores event {event_id}", expected_version=expected_version)
+
+    # --- bulk human writes (the caption studio's batch operations) -------------------------------
+    def edit_many(self, items: list[tuple[int, int, str]], *, reviewer: str,
+                  batch_id: str | None = None) -> BatchResult:
+        """Edits ``(image_id, expected_version, text)`` in ONE transaction under one batch id.
+        Images whose version moved are left alone and listed in ``conflicts``; the rest are written."""
+        reviewer = _check_reviewer(reviewer)
+        checked = [(i, _check_version(v), _check_text(t, f"Caption for image {i}")) for i, v, t in items]
+        return self._many([(i, v, dict(kind="edit", text=t)) for i, v, t in checked], reviewer, batch_id)
+
+    def set_status_many(self, items: list[tuple[int, int]], status: str, *, reviewer: str,
+                        note: str | None = None, batch_id: str | None = None) -> BatchResult:
+        """Status changes ``(image_id, expected_version)`` in ONE transaction (e.g. approve a filtered page)."""
+        status = _check_status(status)
+        reviewer = _check_reviewer(reviewer)
+        if note is not None:
+            note = _check_text(note, "Note")
+        checked = [(i, _check_version(v)) for i, v in items]
+        return self._many([(i, v, dict(kind="status", status=status, note=note)) for i, v in checked],
+                          reviewer, batch_id)
+
+    def _many(self, items: list[tuple[int, int, dict]], reviewer: str, batch_id: str | None) -> BatchResult:
+        result = BatchResult(batch_id or self.new_batch_id())
+        with self._write() as con:
+            for image_id, expected, fields in items:
+                kind = fields.pop("kind")
+                try:
+                    ev = self._append(con, image_id, kind, reviewer=reviewer, batch_id=result.batch_id,
+                                      expected_version=expected, **fields)
+                except ConflictError as e:
+                    result.conflicts.append((image_id, e.expected, e.actual))
+                    continue
+                result.events.append(ev)
+        return result
+
+    # --- reads ----------------------------------------------------------------------------------
+    def history(self, image_id: int) -> list[CaptionEvent]:
+        """Every event of one image, oldest first."""
+        with self._read() as con:
+            if con.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+                raise NotFoundError(f"No image with id {image_id}; reload the dataset list.")
+            return [_event(r) for r in con.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE image_id = ? ORDER BY id", (image_id,))]
+
+    _STATES_SQL = (
+        "SELECT i.id, i.label, i.file_name, s.text, s.status, s.version, s.caption_event, s.edited, s.reviewer, "
+        "s.updated_at, " + ", ".join("d." + c.strip() for c in _EVENT_COLS.split(",")) +
+        " FROM images i JOIN state s ON s.image_id = i.id LEFT JOIN events d ON d.id = s.latest_draft"
+    )
+
+    @staticmethod
+    def _state_from_row(r: Sequence[Any]) -> CaptionState:
+        draft = _event(r[10:]) if r[10] is not None else None
+        return CaptionState(image_id=r[0], text=r[3], status=r[4], version=r[5], caption_version=r[6],
+                            latest_draft=draft, edited=bool(r[7]), reviewer=r[8], updated_at=r[9],
+                            label=r[1], file_name=r[2])
+
+    def current(self, image_id: int) -> CaptionState:
+        con = self._conn()
+        row = con.execute(self._STATES_SQL + " WHERE i.id = ?", (image_id,)).fetchone()
+        if row is None:
+            if con.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+                raise NotFoundError(f"No image with id {image_id}; reload the dataset list.")
+            with self._write() as wcon:     # rare: image without a cache row: derive it from the log
+                self._load_state(wcon, image_id)
+            row = con.execute(self._STATES_SQL + " WHERE i.id = ?", (image_id,)).fetchone()
+        return self._state_from_row(row)
+
+    def states(self, dataset: str, *, label: str | None = None, status: str | None = None,
+               reviewer: str | None = None, edited: bool | None = None, text_contains: str | None = None,
+               text_regex: str | None = None, offset: int = 0, limit: int | None = None) -> list[CaptionState]:
+        """Current state of every image of a dataset (ordered by id), filtered; one query."""
+        where, args = self._image_where(dataset, label, status)
+        if reviewer is not None:
+            where += " AND s.reviewer = ?"
+            args.append(reviewer)
+        if edited is not None:
+            where += " AND s.edited = ?"
+            args.append(int(bool(edited)))
+        pattern = None
+        if text_regex:
+            try:
+                pattern = re.compile(text_regex)
+            except re.error as e:
+                raise ConfigError(f"Invalid regular expression {text_regex!r}: {e}.") from None
+        needle = text_contains.casefold() if text_contains else None
+        with self._read() as con:
+            self._require_dataset(con, dataset)
+            rows = con.execute(self._STATES_SQL + f" WHERE {where} ORDER BY i.id", args).fetchall()
+        if needle is not None:
+            rows = [r for r in rows if needle in r[3].casefold()]
+        if pattern is not None:
+            rows = [r for r in rows if pattern.search(r[3])]
+        rows = rows[offset:None if limit is None else offset + limit]
+        return [self._state_from_row(r) for r in rows]
+
+    # --- maintenance ----------------------------------------------------------------------------
+    def rebuild_state(self) -> int:
+        """Recompute the derived cache from the event log alone; returns the number of images."""
+        with self._write() as con:
+            con.execute("DELETE FROM state")
+            per_image: dict[int, _Derived] = {i: _Derived() for (i,) in con.execute("SELECT id FROM images")}
+            for ev_id, image_id, kind, text, status, reviewer, created_at in con.execute(
+                    "SELECT id, image_id, kind, text, status, reviewer, created_at FROM events ORDER BY id"):
+                per_image[image_id] = _fold(per_image[image_id], ev_id, kind, text, status, reviewer, created_at)
+            for image_id, d in per_image.items():
+                self._write_state(con, image_id, d, insert=True)
+        return len(per_image)
+
+    # --- batches --------------------------------------------------------------------------------
+    @staticmethod
+    def new_batch_id(kind: str = "batch") -> str:
+        return f"{kind}:{uuid.uuid4().hex[:12]}"
+
+    def undo_batch(self, batch_id: str, *, reviewer: str) -> UndoReport:
+        """Put every image touched by ``batch_id`` back to its text and status from before the batch.
+
+        Images with any event after the batch's first event on them that is not part of the batch
+        (someone kept working) are skipped and reported, never overwritten. The compensating events
+        form a batch of their own (``report.undo_batch_id``), so an undo can itself be undone.
+        """
+        reviewer = _check_reviewer(reviewer)
+        report = UndoReport(batch_id, undo_batch_id=f"undo:{uuid.uuid4().hex[:12]}")
+        with self._write() as con:
+            spans = con.execute("SELECT image_id, MIN(id), MAX(id) FROM events WHERE batch_id = ? "
+                                "GROUP BY image_id ORDER BY image_id", (batch_id,)).fetchall()
+            if not spans:
+                raise NotFoundError(f"No events belong to batch {batch_id!r}; nothing to undo.")
+            note = f"undo of batch {batch_id}"
+            for image_id, first, _last in spans:
+                foreign = con.execute(
+                    "SELECT id, kind FROM events WHERE image_id = ? AND id > ? AND batch_id IS NOT ? "
+                    "ORDER BY id LIMIT 1", (image_id, first, batch_id)).fetchone()
+                if foreign is not None:
+                    report.skipped.append((image_id, f"{foreign[1]} event {foreign[0]} came after the batch"))
+                    continue
+                before = self._replay(con, image_id, before=first)
+                now = self._load_state(con, image_id)
+                if before.text == now.text and before.status == now.status:
+                    report.unchanged.append(image_id)
+                    continue
+                if before.text != now.text:
+                    if not before.edited and not now.edited and now.status != "approved":
+                        # Only drafts changed it: answer with a draft so later drafts still apply.
+                        self._append(con, image_id, "draft", text=before.text, source="undo", note=note,
+                                     batch_id=report.undo_batch_id)
+                    else:
+                        restores = (f"; restores event {before.caption_event}" if before.caption_event
+                                    else "; the image had no caption before")
+                        self._append(con, image_id, "restore", text=before.text, reviewer=reviewer,
+                                     note=note + restores, batch_id=report.undo_batch_id)
+                if before.status != now.status:
+                    self._append(con, image_id, "status", status=before.status, reviewer=reviewer, note=note,
+                                 batch_id=report.undo_batch_id)
+                report.reverted.append(image_id)
+        return report
+
+    # --- exports --------------------------------------------------------------------------------
+    def _export_rows(self, ws, dataset: str, status: str) -> tuple[list[tuple[CaptionState, Path]], dict[str, int]]:
+        if status != "all":
+            _check_status(status)
+        rows, skipped = [], {}
+        missing = []
+        for st in self.states(dataset):
+            if status != "all" and st.status != status:
+                skipped[st.status] = skipped.get(st.status, 0) + 1
+                continue
+            path = ws.image_path(dataset, st.file_name)
+            if not path.is_file():
+                missing.append(st.file_name)
+            rows.append((st, path))
+        if missing:
+            raise NotFoundError(
+                f"{len(missing)} image file(s) of dataset {dataset!r} are missing on disk (first: {missing[0]}); "
+                "re-import the dataset before exporting.")
+        if not rows:
+            raise ConfigError(f"Dataset {dataset!r} has no images with status {status!r} to export; approve some "
+                              "captions first or export with status='all'.")
+        return rows, skipped
+
+    def export_imagefolder(self, ws, dataset: str, out_dir: str | os.PathLike, *, status: str = "approved",
+                           val_fraction: float = 0.1, seed: int = 0, overwrite: bool = False) -> ExportReport:
+        """Hugging Face ``imagefolder`` layout: ``train/`` and ``validation/``, each with its images and a
+        ``metadata.jsonl`` (file_name, text, label, caption_version, status) that ``datasets`` picks up."""
+        if not (0.0 <= float(val_fraction) < 1.0):
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir, overwrite)
+        rows, skipped = self._export_rows(ws, dataset, status)
+        split_of = _split(rows, float(val_fraction), seed)
+        counts = {"train": 0, "validation": 0}
+        with _atomic_dir(out_dir, overwrite) as tmp:
+            meta: dict[str, list[str]] = {"train": [], "validation": []}
+            used: dict[str, set[str]] = {"train": set(), "validation": set()}
+            for st, path in rows:
+                split = split_of[st.image_id]
+                folder = tmp / split
+                folder.mkdir(exist_ok=True)
+                name = _unique_name(path.name, st.image_id, used[split])
+                shutil.copyfile(path, folder / name)
+                meta[split].append(json.dumps({"file_name": name, "text": st.text, "label": st.label,
+                                               "caption_version": st.caption_version, "status": st.status},
+                                              ensure_ascii=False))
+                counts[split] += 1
+            for split, lines in meta.items():
+                if lines:
+                    (tmp / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if not counts["validation"]:
+            del counts["validation"]
+        return ExportReport(out_dir, "imagefolder", status, len(rows), skipped, counts)
+
+    def export_medart_csv(self, ws, dataset: str, out_dir: str | os.PathLike, *, status: str = "approved",
+                          overwrite: bool = False) -> ExportReport:
+        """The Med-Art reference layout: images plus ``metadata.csv`` with ``file_name,text`` (RFC 4180 quoting)."""
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir, overwrite)
+        rows, skipped = self._export_rows(ws, dataset, status)
+        with _atomic_dir(out_dir, overwrite) as tmp:
+            used: set[str] = {"metadata.csv"}
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["file_name", "text"])
+            for st, path in rows:
+                name = _unique_name(path.name, st.image_id, used)
+                shutil.copyfile(path, tmp / name)
+                writer.writerow([name, st.text])
+            (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8", newline="")
+        return ExportReport(out_dir, "medart_csv", status, len(rows), skipped, {"all": len(rows)})
+
+    # --- import of captions ---------------------------------------------------------------------
+    def import_captions(self, dataset: str, metadata_path: str | os.PathLike, *, source: str = "import") -> int:
+        """Add captions from ``metadata.jsonl`` / ``metadata.csv`` (file_name, text) as drafts; returns how
+        many were added. :meth:`import_captions_report` also lists the rows that matched no image."""
+        return self.import_captions_report(dataset, metadata_path, source=source).added
+
+    def import_captions_report(self, dataset: str, metadata_path: str | os.PathLike, *,
+                               source: str = "import") -> CaptionImportReport:
+        source = _check_source(source)
+        rows = _read_metadata(Path(metadata_path))
+        with self._read() as con:
+            self._require_dataset(con, dataset)
+            images = con.execute("SELECT id, file_name, source FROM images WHERE dataset = ?", (dataset,)).fetchall()
+        # An image answers to its stored name, that name's basename and its original name (and basename).
+        keys: dict[str, set[int]] = {}
+        for image_id, file_name, src in images:
+            names = {file_name, PurePosixPath(file_name).name}
+            orig = json.loads(src or "{}").get("original_name")
+            if isinstance(orig, str) and orig:
+                names |= {orig, PurePosixPath(orig.replace("\\", "/")).name}
+            for n in names:
+                keys.setdefault(n, set()).add(image_id)
+        report = CaptionImportReport(dataset, 0, None)
+        items: list[tuple[int, str]] = []
+        for row_no, file_name, text in rows:
+            ids = keys.get(file_name) or keys.get(PurePosixPath(file_name.replace("\\", "/")).name)
+            if not ids:
+                report.unmatched.append((row_no, file_name, "no image with this file name"))
+            elif len(ids) > 1:
+                report.unmatched.append((row_no, file_name, f"matches {len(ids)} images; use the stored file name"))
+            elif not text.strip():
+                report.unmatched.append((row_no, file_name, "empty caption"))
+            else:
+                try:
+                    items.append((next(iter(ids)), _check_text(text)))
+                except ConfigError as e:
+                    report.unmatched.append((row_no, file_name, str(e)))
+        if items:
+            report.batch_id = self.new_batch_id("import")
+            self.add_drafts(items, source=source, params={"file": Path(metadata_path).name},
+                            batch_id=report.batch_id)
+            report.added = len(items)
+        return report
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _check_source(source: Any) -> str:
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError("A draft needs a source such as 'template', 'vlm:<model id>' or 'import'.")
+    return source
+
+
+def _draft_fields(source, prompt, params, seed, note, reviewer, batch_id) -> dict[str, Any]:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"Draft seed must be an integer, got {seed!r}.")
+    if params is not None:
+        _json(params, "Draft parameters")
+    return dict(source=_check_source(source), prompt=prompt, params=params, seed=seed, note=note,
+                reviewer=reviewer, batch_id=batch_id)
+
+
+def _split(rows: list[tuple[CaptionState, Path]], val_fraction: float, seed: int) -> dict[int, str]:
+    """Seeded split stratified by label: per-label validation quotas by largest remainder, each label
+    keeps at least one training image, so every class the model sees at validation it also trained on."""
+    by_label: dict[str, list[int]] = {}
+    for st, _ in rows:
+        by_label.setdefault(st.label or "", []).append(st.image_id)
+    n = len(rows)
+    target = round(n * val_fraction)
+    if val_fraction > 0 and target == 0 and n >= 2:
+        target = 1
+    labels = sorted(by_label)
+    cap = {lab: len(by_label[lab]) - 1 for lab in labels}
+    exact = {lab: len(by_label[lab]) * val_fraction for lab in labels}
+    quota = {lab: min(int(exact[lab]), cap[lab]) for lab in labels}
+    rest = target - sum(quota.values())
+    for lab in sorted(labels, key=lambda lab: (-(exact[lab] - int(exact[lab])), -len(by_label[lab]), lab)):
+        if rest <= 0:
+            break
+        if quota[lab] < cap[lab]:
+            quota[lab] += 1
+            rest -= 1
+    out: dict[int, str] = {}
+    for lab in labels:
+        ids = sorted(by_label[lab])
+        random.Random(f"{seed}:{lab}").shuffle(ids)
+        for k, image_id in enumerate(ids):
+            out[image_id] = "validation" if k < quota[lab] else "train"
+    return out
+
+
+def _unique_name(name: str, image_id: int, used: set[str]) -> str:
+    candidate = name
+    if candidate.lower() in used:
+        p = PurePosixPath(name)
+        candidate = f"{p.stem}-{image_id}{p.suffix}"
+    k = 1
+    while candidate.lower() in used:
+        p = PurePosixPath(name)
+        candidate = f"{p.stem}-{image_id}-{k}{p.suffix}"
+        k += 1
+    used.add(candidate.lower())
+    return candidate
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ConfigError(f"Export target {out_dir} exists and is not a folder; choose another place.")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise ConfigError(f"Export folder {out_dir} is not empty; choose an empty folder or pass overwrite=True.")
+
+
+@contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Build the export in a sibling temp folder and rename it into place, so a crash or an error
+    never leaves a half-written export that a training run could pick up."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            if any(out_dir.iterdir()) and not overwrite:
+                raise ConfigError(f"Export folder {out_dir} filled up while exporting; nothing was changed.")
+            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_metadata(path: Path) -> list[tuple[int, str, str]]:
+    """Rows ``(row number, file_name, text)`` of a metadata.jsonl or metadata.csv."""
+    if not path.is_file():
+        raise NotFoundError(f"Caption file {path} does not exist.")
+    suffix = path.suffix.lower()
+    out: list[tuple[int, str, str]] = []
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name} is not UTF-8 text; save it as UTF-8 and import again.") from None
+    if suffix == ".jsonl":
+        for no, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path.name} line {no} is not valid JSON ({e.msg}); fix it and import again.") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str) \
+                    or not isinstance(obj.get("text"), str):
+                raise ConfigError(f"{path.name} line {no} needs string fields 'file_name' and 'text'.")
+            out.append((no, obj["file_name"], obj["text"]))
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(raw, newline=""))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
+            raise ConfigError(f"{path.name} needs a header row with columns 'file_name' and 'text'.")
+        for no, row in enumerate(reader, start=1):
+            out.append((no, row["file_name"] or "", row["text"] or ""))
+    else:
+        raise ConfigError(f"Cannot read captions from {path.name}: use a metadata.jsonl or metadata.csv file.")
+    return out
