@@ -152,7 +152,7 @@ def load_tokenizer(spec: str = "tiny") -> "T5TokenizerFast":
 
 def count_tokens(tokenizer: "T5TokenizerFast", text: str) -> int:
     """Number of T5 tokens PixArt would read for ``text`` (with the closing ``</s>``), before truncation."""
-    return len(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
 
 # --------------------------------------------------------------------------------------------------------
