@@ -473,6 +473,13 @@ class CaptionStore:
             con.execute("INSERT INTO datasets (name, modality, meta, created_at) VALUES (?, ?, ?, ?)",
                         (name, modality, meta_json, _now()))
 
+    def drop_empty_dataset(self, name: str) -> bool:
+        """Remove a dataset that has no images (undoes a create whose first import failed); True if removed."""
+        with self._write() as con:
+            cur = con.execute("DELETE FROM datasets WHERE name = ? AND NOT EXISTS "
+                              "(SELECT 1 FROM images WHERE dataset = ?)", (name, name))
+            return cur.rowcount > 0
+
     def has_dataset(self, name: str) -> bool:
         return self._conn().execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
 

@@ -31,3 +31,29 @@ def store(ws):
     close = getattr(s, "close", None)
     if close:
         close()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str | None:
+    import shutil
+
+    return os.environ.get("MEDART_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Playwright driving Debian's Chromium (``playwright install`` cannot download browsers here)."""
+    path = chromium_path()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: run tests/ensure_browser.sh (the README's test command does)")
+        pytest.skip("chromium not installed (tests/ensure_browser.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -1,0 +1,225 @@
+"""Dataset tab: pick a dataset, page through its images, see one image with class, provenance and caption.
+
+Only the current page's thumbnails go to the browser (``PAGE_SIZE`` at a time), so an 8,000-image dataset
+costs the same to browse as a 24-image one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from medart_core.errors import MedArtError
+
+from .context import StudioContext
+
+PAGE_SIZE = 24
+ALL_CLASSES = "(all classes)"
+
+
+def user_errors(fn):
+    """Show library errors (unknown dataset, bad import, ...) as a Gradio error message, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedArtError as e:
+            raise gr.Error(str(e)) from e
+
+    return wrapper
+
+
+# ---- handlers: plain functions of (ctx, inputs) so tests and benchmarks call them directly -------------
+
+def dataset_choices(ctx: StudioContext) -> list[str]:
+    return [d.name for d in ctx.store.list_datasets()]
+
+
+def workspace_banner(ctx: StudioContext) -> str:
+    build = ctx.status.get("sample")
+    lines = [f"**Workspace** `{ctx.ws.root}` · **Backbone** {ctx.backbone_label()}"]
+    if build == "building":
+        lines.append("⏳ Building the sample dataset from images shipped in pip packages (first start only)…")
+    elif isinstance(build, str) and build.startswith("error"):
+        lines.append(f"⚠️ Sample dataset could not be built: {build[6:]}")
+    return "\n\n".join(lines)
+
+
+def class_choices(ctx: StudioContext, dataset: str | None) -> list[str]:
+    if not dataset:
+        return [ALL_CLASSES]
+    return [ALL_CLASSES] + list(ctx.store.labels(dataset))
+
+
+def page_view(ctx: StudioContext, dataset: str | None, label: str | None, page: int | float | None
+              ) -> tuple[list[tuple[str, str]], list[int], str, int]:
+    """Thumbnails (path, caption) and image ids of one page, a summary line, and the clamped page number."""
+    if not dataset:
+        return [], [], "No dataset yet: build the sample dataset or import images.", 1
+    lab = None if not label or label == ALL_CLASSES else label
+    total = ctx.store.count_images(dataset, label=lab)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    page = min(max(1, int(page or 1)), pages)
+    records = ctx.store.list_images(dataset, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, label=lab)
+    items = [(str(ctx.ws.image_path(dataset, r.file_name)), f"#{r.id} · {r.label}") for r in records]
+    info = ctx.store.dataset_info(dataset)
+    n_classes = len(ctx.store.labels(dataset))
+    scope = f"class **{lab}**: {total} images" if lab else f"{info.n_images} images in {n_classes} classes"
+    summary = f"Dataset **{dataset}** ({info.modality}) — {scope} · page {page} of {pages}"
+    return items, [r.id for r in records], summary, page
+
+
+def image_detail(ctx: StudioContext, image_id: int | None) -> tuple[str | None, str, str, str, str]:
+    """Large image path, a class/status line, the current caption (plain text), provenance JSON, history."""
+    if image_id is None:
+        return None, "", "", "", ""
+    rec = ctx.store.get_image(int(image_id))
+    state = ctx.store.current(int(image_id))
+    path = str(ctx.ws.image_path(rec.dataset, rec.file_name))
+    head = (f"**Image #{rec.id}** · class **{rec.label}** · {rec.width}×{rec.height} px · status "
+            f"**{state.status}** · caption version {state.caption_version}")
+    provenance = json.dumps({"file_name": rec.file_name, "pixel_hash": rec.pixel_hash, **(rec.source or {})},
+                            indent=2, ensure_ascii=False, default=str)
+    events = ctx.store.history(int(image_id))
+    hist = "\n".join(
+        f"{e.created_at[:19]}  {e.kind:<7} {(e.source or e.reviewer or ''):<14} "
+        f"{(e.status or '') if e.kind == 'status' else _one_line(e.text)}" for e in events)
+    return path, head, state.text, provenance, hist
+
+
+def import_uploads(ctx: StudioContext, paths: list[str], dataset: str, *, modality: str, label: str | None):
+    """Gather uploaded files (Gradio's temp copies) in one staging folder and import them as one batch."""
+    import shutil
+    import tempfile
+
+    from medart_core.data import import_images
+    from medart_core.workspace import validate_name
+
+    validate_name(dataset, "dataset name")
+    with tempfile.TemporaryDirectory(dir=ctx.ws.tmp_dir) as tmp:
+        for i, p in enumerate(paths):
+            src = Path(p)
+            # Keep the uploaded name (import_images vets it) but never let two uploads collide.
+            dst = Path(tmp) / (src.name if not (Path(tmp) / src.name).exists() else f"{i}_{src.name}")
+            shutil.copyfile(src, dst)
+        return import_images(ctx.ws, ctx.store, tmp, dataset, modality=modality, label=label)
+
+
+def _one_line(text: str | None, n: int = 90) -> str:
+    t = " ".join((text or "").split())
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+# ---- layout ---------------------------------------------------------------------------------------------
+
+def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Lay out the tab inside the current ``gr.Tab`` context and wire its events."""
+    banner = gr.Markdown(workspace_banner(ctx), elem_id="ds-banner")
+    with gr.Row():
+        # Choices change at run time (imports, first-start build), so API callers may name any dataset;
+        # the handlers check it against the store and answer with a clear message.
+        ds = gr.Dropdown(label="Dataset", choices=[], value=None, interactive=True, elem_id="ds-dataset", scale=2,
+                         allow_custom_value=True)
+        cls = gr.Dropdown(label="Class", choices=[ALL_CLASSES], value=ALL_CLASSES, interactive=True,
+                          elem_id="ds-class", scale=2, allow_custom_value=True)
+        page = gr.Number(label="Page", value=1, precision=0, minimum=1, elem_id="ds-page", scale=1)
+        prev_b = gr.Button("◀ Previous", elem_id="ds-prev", scale=1)
+        next_b = gr.Button("Next ▶", elem_id="ds-next", scale=1)
+    summary = gr.Markdown(elem_id="ds-summary")
+    ids = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images (this page only)", columns=6, height=520, allow_preview=False,
+                                 object_fit="cover", elem_id="ds-gallery")
+        with gr.Column(scale=2):
+            big = gr.Image(label="Selected image", type="filepath", interactive=False, height=300,
+                           elem_id="ds-image")
+            head = gr.Markdown(elem_id="ds-head")
+            caption = gr.Textbox(label="Current caption (edit it in the Captions tab)", interactive=False,
+                                 lines=3, elem_id="ds-caption")
+            with gr.Accordion("Provenance", open=False):
+                prov = gr.Code(language="json", label="Source, licence, conversion", elem_id="ds-provenance")
+            with gr.Accordion("Caption history", open=False):
+                hist = gr.Textbox(lines=6, interactive=False, show_label=False, elem_id="ds-history")
+    with gr.Accordion("Import images", open=False):
+        gr.Markdown("Folder-per-class trees (zip them), CSV `file_name,label[,text]` with its images, DICOM, "
+                    "PNG/JPEG/TIFF. Bad files are skipped with a reason; nothing already stored is changed.")
+        with gr.Row():
+            up = gr.File(file_count="multiple", label="Files", elem_id="ds-upload")
+            with gr.Column():
+                imp_name = gr.Textbox(label="Dataset name", value="imported", elem_id="ds-import-name")
+                imp_label = gr.Textbox(label="Class label (for files without one)", value="",
+                                       elem_id="ds-import-label")
+                imp_mod = gr.Dropdown(label="Modality", value="generic", elem_id="ds-import-modality",
+                                      choices=["generic", "endoscopy", "dermoscopy", "radiology", "histology",
+                                               "fundus"])
+                imp_b = gr.Button("Import", variant="primary", elem_id="ds-import")
+        imp_report = gr.Textbox(label="Import report", lines=6, interactive=False, elem_id="ds-import-report")
+
+    def _refresh_all(current: str | None):
+        choices = dataset_choices(ctx)
+        value = current if current in choices else (choices[0] if choices else None)
+        items, page_ids, text, p = page_view(ctx, value, ALL_CLASSES, 1)
+        return (workspace_banner(ctx), gr.Dropdown(choices=choices, value=value),
+                gr.Dropdown(choices=class_choices(ctx, value), value=ALL_CLASSES), p, items, page_ids, text)
+
+    @user_errors
+    def _on_dataset(dataset: str | None):
+        items, page_ids, text, p = page_view(ctx, dataset, ALL_CLASSES, 1)
+        return gr.Dropdown(choices=class_choices(ctx, dataset), value=ALL_CLASSES), p, items, page_ids, text
+
+    @user_errors
+    def _on_page(dataset, label, p, delta=0):
+        items, page_ids, text, p = page_view(ctx, dataset, label, int(p or 1) + delta)
+        return p, items, page_ids, text
+
+    @user_errors
+    def _on_select(page_ids: list[int], evt: gr.SelectData):
+        idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+        if idx is None or idx >= len(page_ids):
+            return None, "", "", "", ""
+        return image_detail(ctx, page_ids[idx])
+
+    @user_errors
+    def _on_import(files, name, label, modality, current):
+        if not files:
+            raise gr.Error("Choose one or more files to import first.")
+        try:
+            report = import_uploads(ctx, [getattr(f, "name", f) for f in files], (name or "").strip(),
+                                    modality=modality, label=(label or "").strip() or None)
+        except MedArtError as e:
+            raise gr.Error(str(e))
+        refreshed = _refresh_all(name.strip() if report.imported else current)
+        return (report.summary(),) + refreshed
+
+    outs_all = [banner, ds, cls, page, gallery, ids, summary]
+    ds.change(_on_dataset, ds, [cls, page, gallery, ids, summary], api_name="dataset_select")
+    cls.change(lambda d, c: _on_page(d, c, 1), [ds, cls], [page, gallery, ids, summary], api_name="dataset_class")
+    page.submit(_on_page, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_page")
+    prev_b.click(lambda d, c, p: _on_page(d, c, p, -1), [ds, cls, page], [page, gallery, ids, summary],
+                 api_name="dataset_prev")
+    next_b.click(lambda d, c, p: _on_page(d, c, p, +1), [ds, cls, page], [page, gallery, ids, summary],
+                 api_name="dataset_next")
+    gallery.select(_on_select, ids, [big, head, caption, prov, hist], api_name=False)
+    imp_b.click(_on_import, [up, imp_name, imp_label, imp_mod, ds], [imp_report] + outs_all, api_name="import")
+    id_box = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
+    id_box.change(user_errors(lambda i: image_detail(ctx, i)), id_box, [big, head, caption, prov, hist], api_name="image_detail")
+
+    timer = gr.Timer(2.0, active=True)
+
+    def _poll(current):
+        # Until background work (first-start sample build) ends, keep the listing fresh; then stop polling.
+        busy = ctx.status.get("sample") == "building"
+        return _refresh_all(current) + (gr.Timer(active=busy),)
+
+    timer.tick(_poll, ds, outs_all + [timer], api_name=False, show_progress="hidden")
+    return {"dataset": ds, "refresh": lambda: _refresh_all(None), "outputs": outs_all}
+
+
+def thumbnail_paths(items: list[tuple[str, str]]) -> list[Path]:
+    return [Path(p) for p, _ in items]
