@@ -47,6 +47,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_captions(args: argparse.Namespace) -> int:
+    from .captions import CaptionStore
+    from .workspace import Workspace
+
+    store = CaptionStore.for_workspace(Workspace.open(args.workspace))
+    report = store.import_captions_report(args.dataset, args.metadata)
+    print(report.summary())
+    return 0 if report.added else 1
+
+
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from .captions import CaptionStore
     from .workspace import Workspace
@@ -84,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import-captions", help="add captions from a metadata.jsonl or metadata.csv as drafts")
+    p.add_argument("metadata", help="metadata.jsonl (file_name, text) or metadata.csv (file_name,text)")
+    _add_workspace(p)
+    p.add_argument("--dataset", required=True)
+    p.set_defaults(func=_cmd_import_captions)
 
     p = sub.add_parser("datasets", help="list the datasets of a workspace")
     _add_workspace(p)
