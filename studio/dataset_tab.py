@@ -141,7 +141,8 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
                            elem_id="ds-image")
             head = gr.Markdown(elem_id="ds-head")
             caption = gr.Textbox(label="Current caption (edit it in the Captions tab)", interactive=False,
-                                 lines=3, elem_id="ds-caption")
+                                 lines=3, elem_id="ds-caption",
+                                 placeholder="No caption yet: draft one in the Captions tab.")
             with gr.Accordion("Provenance", open=False):
                 prov = gr.Code(language="json", label="Source, licence, conversion", elem_id="ds-provenance")
             with gr.Accordion("Caption history", open=False):
