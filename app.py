@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         start_background_sample_build(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
-    _, local_url, _ = demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(ws.root)],
+    _, local_url, _ = demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(ws.datasets_dir)],
                                   prevent_thread_lock=True, quiet=True, show_error=True, footer_links=["api"],
                                   **launch_kwargs())
     print(f"Med-Art Studio running at {local_url}  (workspace {ws.root}, backbone {ctx.backbone_label()})",

@@ -196,6 +196,10 @@ def _fold(d: _Derived, ev_id: int, kind: str, text: str | None, status: str | No
         if not d.edited and d.status != "approved":
             d.text, d.caption_event = text or "", ev_id
     elif kind in HUMAN_TEXT_KINDS:
+        # An approval signs off one text: changing the text asks for a new sign-off, so exports of
+        # "approved" captions never carry words nobody approved.
+        if d.status == "approved" and (text or "") != d.text:
+            d.status = "pending"
         d.text, d.caption_event, d.edited, d.reviewer = text or "", ev_id, True, reviewer
     elif kind == "status":
         d.status, d.reviewer = status or "pending", reviewer

@@ -475,3 +475,17 @@ def test_import_captions_csv(store, ds, tmp_path):
 
 def test_statuses_constant():
     assert STATUSES == ("pending", "approved", "rejected", "needs-second-read")
+
+
+def test_changing_an_approved_caption_asks_for_a_new_approval(store, img):
+    st = store.current(img)
+    store.approve(img, reviewer="dr a", expected_version=st.version)
+    st = store.current(img)
+    # Saving the same words keeps the approval; new words were never signed off.
+    store.edit(img, st.text, reviewer="dr b", expected_version=st.version)
+    assert store.current(img).status == "approved"
+    store.edit(img, st.text + " with a red rim", reviewer="dr b", expected_version=store.current(img).version)
+    after = store.current(img)
+    assert after.status == "pending" and after.text.endswith("red rim")
+    store.rebuild_state()
+    assert store.current(img).status == "pending"

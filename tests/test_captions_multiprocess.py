@@ -36,6 +36,7 @@ def _writer(db_path: str, proc: int, image_ids: list[int], n_writes: int, barrie
                     except ConflictError:
                         conflicts += 1
                 edits.append((image_id, text))
+            time.sleep(0.003)   # yield the core: on a loaded 2-core box one writer could otherwise run alone
     finally:
         store.close()
     return {"proc": proc, "conflicts": conflicts, "edits": edits}

@@ -36,7 +36,7 @@ def served_app(ws, store, tmp_path):
     port = free_port()
     demo.queue()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            allowed_paths=[str(ws.root)], **launch_kwargs())
+                            allowed_paths=[str(ws.datasets_dir)], **launch_kwargs())
     yield url, store
     demo.close()
 

@@ -84,7 +84,7 @@ def test_imagefolder_split_is_deterministic_and_copies_files(ws, store, tmp_path
     a = store.export_imagefolder(ws, "kv", tmp_path / "a", val_fraction=0.2, seed=1)
     b = store.export_imagefolder(ws, "kv", tmp_path / "b", val_fraction=0.2, seed=1)
     assert split_names(tmp_path / "a") == split_names(tmp_path / "b")
-    assert a.splits == {"train": 12, "validation": 3}
+    assert a.splits == b.splits == {"train": 12, "validation": 3}
     # Stratified: one validation image per label (5 each x 0.2).
     val_labels = [json.loads(line)["label"] for line in (tmp_path / "a/validation/metadata.jsonl").read_text().splitlines()]
     assert sorted(val_labels) == sorted(LABELS)
