@@ -107,8 +107,15 @@ class Backbone:
         return self.resolution // self.vae_scale_factor
 
     def to(self, device: "torch.device | str | None" = None, dtype: "torch.dtype | None" = None) -> "Backbone":
+        import torch
+
         for m in (self.text_encoder, self.vae, self.transformer):
             m.to(device=device, dtype=dtype)
+            if dtype is not None and dtype != torch.float32:
+                # Trainable adapters stay fp32 on a low-precision backbone (optimizer updates need the bits).
+                for name, p in m.named_parameters():
+                    if "lora_" in name:
+                        p.data = p.data.float()
         return self
 
     def pipeline(self) -> "PixArtAlphaPipeline":

@@ -1,0 +1,323 @@
+"""Hybrid-Level Diffusion Fine-tuning (HLDF, Med-Art §2.3): the losses and the hybrid training step.
+
+    L = L_latent + w · L_color     on pixel steps (every N-th step), else L = L_latent
+
+``L_latent`` is PixArt's ε-prediction MSE at a uniform DDPM timestep. ``L_color`` generates one image per
+real image from pure noise with M steps of DPM-Solver++(2M) and classifier-free guidance, decodes it with
+the VAE and compares per-channel colour moments with the real image; w defaults to 1/M (the paper).
+Gradients flow through the sampler (all M steps, or the last K), the VAE decoder and T5 (when it has
+trainable LoRA weights), with activation checkpointing so memory stays that of ~one step.
+
+Every random draw takes the caller's ``torch.Generator``: a step is reproducible from (seed, step).
+torch is imported inside functions: the CLI imports this module at start-up.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+ColorVariant = Literal["paper", "reference"]
+GradPath = Literal["full", "truncated"]
+
+# PixArt-α's DDPM training schedule; used when the caller does not pass the backbone's scheduler config.
+PIXART_DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+@dataclass
+class HLDFConfig:
+    """HLDF hyper-parameters (defaults = the paper). Round-trips through JSON (``to_json``/``from_json``).
+
+    pixel_every: N, a pixel-level step every N optimiser steps (see :func:`is_pixel_step`).
+    sample_steps: M, DPM-Solver++ steps used to generate the image for the colour loss.
+    guidance: classifier-free guidance scale of that generation; negative_prompt is its unconditional text.
+    color_weight: w in ``L_latent + w·L_color``; None means 1/M as in the paper.
+    color_variant: "paper" sums the squared moment gaps over the 3 channels; "reference" averages them
+        (the public reference code, i.e. 1/3 of the paper's value).
+    grad_path: "full" backpropagates through all M steps; "truncated" only through the last truncated_k.
+    checkpointing: recompute each sampling step and the VAE decoder in the backward pass (same gradients,
+        memory of ~one step instead of M).
+    """
+
+    pixel_every: int = 500
+    sample_steps: int = 20
+    guidance: float = 4.5
+    color_weight: float | None = None
+    color_variant: ColorVariant = "paper"
+    grad_path: GradPath = "full"
+    truncated_k: int = 2
+    checkpointing: bool = True
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        if int(self.pixel_every) < 1:
+            raise ConfigError(f"pixel_every must be >= 1 (the paper uses 500), got {self.pixel_every}.")
+        if int(self.sample_steps) < 1:
+            raise ConfigError(f"sample_steps must be >= 1 (the paper uses 20), got {self.sample_steps}.")
+        if self.color_variant not in ("paper", "reference"):
+            raise ConfigError(f"color_variant must be 'paper' or 'reference', got {self.color_variant!r}.")
+        if self.grad_path not in ("full", "truncated"):
+            raise ConfigError(f"grad_path must be 'full' or 'truncated', got {self.grad_path!r}.")
+        if int(self.truncated_k) < 1:
+            raise ConfigError(f"truncated_k must be >= 1, got {self.truncated_k}.")
+        if self.color_weight is not None and float(self.color_weight) < 0:
+            raise ConfigError(f"color_weight must be >= 0 or null (= 1/sample_steps), got {self.color_weight}.")
+
+    @property
+    def weight(self) -> float:
+        """The colour-loss weight actually used: ``color_weight`` or 1/M."""
+        return float(self.color_weight) if self.color_weight is not None else 1.0 / self.sample_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HLDFConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown HLDF config keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> HLDFConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def is_pixel_step(step: int, cfg: HLDFConfig) -> bool:
+    """Whether 0-based optimiser step ``step`` adds the pixel-level loss: ``(step + 1) % N == 0``.
+
+    Why not ``step % N == 0``: counting completed steps makes "every N steps" mean the N-th, 2N-th, …
+    step, so a run of S steps has exactly ⌊S/N⌋ pixel steps (the paper's ratio), and step 0 does not spend
+    M sampler passes on the untouched base model. The trainer should run one pixel step as a pre-flight
+    if it wants to surface out-of-memory early.
+    """
+    return (int(step) + 1) % int(cfg.pixel_every) == 0
+
+
+def _t5_trainable(text_encoder: Any) -> bool:
+    return any(p.requires_grad for p in text_encoder.parameters())
+
+
+def encode_prompts(backbone: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 hidden states and mask for already tokenised prompts (padded to 120 tokens, mask passed to T5).
+
+    Builds a graph only when the text encoder has trainable parameters (LoRA on T5), so frozen-T5 runs
+    keep no activations.
+    """
+    import torch
+
+    te = backbone.text_encoder
+    dev = te.device
+    ids, mask = input_ids.to(dev), attention_mask.to(dev)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _t5_trainable(te)):
+        emb = te(ids, attention_mask=mask)[0]
+    return emb, mask
+
+
+def encode_negative(backbone: Any, batch_size: int, *, text: str = "", max_length: int = 120
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the negative prompt (``""`` in the paper) for ``batch_size`` images, tokenised and
+    lower-cased as the PixArt pipeline does; with a graph when T5 is trainable (it is part of the CFG)."""
+    from .sampling import tokenize_prompts
+
+    ids, mask = tokenize_prompts(backbone.tokenizer, [text] * batch_size, max_length=max_length)
+    return encode_prompts(backbone, ids, mask)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    # Draw on the generator's device, then move: the same seed gives the same noise on CPU and GPU.
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def _dit_eps(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+    from .sampling import size_conditions
+
+    # latent_scale 8: the SD VAE; only read by the 1024 px model's size conditions.
+    out = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+                      added_cond_kwargs=size_conditions(transformer, x, 8, embeds.dtype), return_dict=False)[0]
+    return out[:, : int(transformer.config.in_channels)]
+
+
+def latent_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                prompt_mask: torch.Tensor, *, generator: torch.Generator | None,
+                scheduler_config: Any = None) -> torch.Tensor:
+    """ε-prediction MSE (PixArt's training loss) on scaled VAE latents.
+
+    t ~ U{0..T-1} per sample, ``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε`` with the DDPM ᾱ of
+    ``scheduler_config`` (default PixArt's linear 1e-4..0.02, T=1000); the loss is the MSE between ε and
+    the first 4 output channels (the learned-variance channels are not trained, as in the paper).
+    """
+    import torch
+
+    from .sampling import alphas_cumprod
+
+    acp = alphas_cumprod(scheduler_config if scheduler_config is not None else PIXART_DDPM)
+    b = latents.shape[0]
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    t = torch.randint(0, acp.shape[0], (b,), generator=generator, device=gdev).to(latents.device)
+    noise = _randn(tuple(latents.shape), generator, latents)
+    a = acp.to(latents.device)[t].to(torch.float32).view(b, 1, 1, 1)
+    noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+    pred = _dit_eps(transformer, noisy, t, prompt_embeds, prompt_mask)
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+def color_moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and standard deviation over the pixels (population std, [B, C] each)."""
+    import torch
+
+    x = images.float().flatten(2)
+    mu = x.mean(dim=2)
+    var = x.var(dim=2, correction=0)
+    # The tiny floor keeps d sigma / d x finite for a flat channel (sqrt'(0) is infinite).
+    return mu, torch.sqrt(var + 1e-12)
+
+
+def color_moment_loss(fake: torch.Tensor, real: torch.Tensor, variant: ColorVariant = "paper") -> torch.Tensor:
+    """Colour-moment loss of Med-Art: ``Σ_c (μ_c(x̃) − μ_c(x))² + (σ_c(x̃) − σ_c(x))²`` per image, mean over
+    the batch. ``variant="reference"`` takes the mean over channels instead of the sum (1/3 of "paper").
+
+    ``fake`` and ``real`` are [B, 3, H, W] in the same range ([-1, 1]); image sizes may differ since only
+    moments are compared, but image i of ``fake`` is compared with image i of ``real``.
+    """
+    if fake.shape[:2] != real.shape[:2]:
+        raise ConfigError(f"colour loss needs one generated image per real image with the same channels; "
+                          f"got {tuple(fake.shape)} vs {tuple(real.shape)}.")
+    mu_f, sd_f = color_moments(fake)
+    mu_r, sd_r = color_moments(real.to(fake.device))
+    per_channel = (mu_f - mu_r) ** 2 + (sd_f - sd_r) ** 2  # [B, C]
+    if variant == "paper":
+        per_image = per_channel.sum(dim=1)
+    elif variant == "reference":
+        per_image = per_channel.mean(dim=1)
+    else:
+        raise ConfigError(f"color_variant must be 'paper' or 'reference', got {variant!r}.")
+    return per_image.mean()
+
+
+def generate_for_loss(backbone: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                      cfg: HLDFConfig, *, generator: torch.Generator | None,
+                      noise: torch.Tensor | None = None, neg_embeds: torch.Tensor | None = None,
+                      neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiably generate and decode one image per prompt for the pixel loss (images in ~[-1, 1]).
+
+    Pure noise (drawn from ``generator`` unless ``noise`` is given), M steps DPM-Solver++(2M) with CFG and
+    the negative prompt, then the VAE decoder on ``latents / scaling_factor``. The decoded image is not
+    clamped: clamping would zero the gradient of exactly the saturated pixels the colour loss should move.
+    """
+
+    from .sampling import decode, dpm_schedule, final_step_first_order, pixart_denoiser, sample_dpmpp_2m
+
+    tr, vae = backbone.transformer, backbone.vae
+    b = prompt_embeds.shape[0]
+    if neg_embeds is None and cfg.guidance > 1.0:
+        neg_embeds, neg_mask = encode_negative(backbone, b, text=cfg.negative_prompt,
+                                               max_length=prompt_embeds.shape[1])
+    if neg_embeds is not None and neg_embeds.shape[0] != b:
+        neg_embeds, neg_mask = neg_embeds.expand(b, -1, -1), neg_mask.expand(b, -1)
+    if noise is None:
+        lat = backbone.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        noise = _randn((b, int(tr.config.in_channels), lat, lat), generator, prompt_embeds)
+    elif noise.shape[0] != b:
+        raise ConfigError(f"noise has batch {noise.shape[0]} but there are {b} prompts.")
+    m = int(cfg.sample_steps)
+    grad_from = max(0, m - int(cfg.truncated_k)) if cfg.grad_path == "truncated" else 0
+    den = pixart_denoiser(tr, prompt_embeds, prompt_mask, neg_embeds, neg_mask, cfg.guidance,
+                          latent_scale=2 ** (len(vae.config.block_out_channels) - 1))
+    latents = sample_dpmpp_2m(den, noise.to(prompt_embeds.dtype), dpm_schedule(backbone.scheduler.config, m),
+                              grad_from_step=grad_from, checkpoint=cfg.checkpointing,
+                              final_first_order=final_step_first_order(backbone.scheduler.config, m))
+    return decode(vae, latents, checkpoint=cfg.checkpointing)
+
+
+def pixel_loss(backbone: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+               real_images: torch.Tensor, cfg: HLDFConfig, *, generator: torch.Generator | None,
+               noise: torch.Tensor | None = None, neg_embeds: torch.Tensor | None = None,
+               neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HLDF's pixel-level colour loss (unweighted): generate x̃_i for prompt i, compare with real x_i.
+
+    Works at any batch size (image i is generated from prompt i and compared with real image i); the
+    result is the batch mean of the per-image loss. ``real_images`` are [B, 3, H, W] in [-1, 1].
+    Gradient path and checkpointing follow ``cfg`` (see :class:`HLDFConfig`).
+    """
+    if real_images.shape[0] != prompt_embeds.shape[0]:
+        raise ConfigError(f"pixel loss needs one prompt per real image: {prompt_embeds.shape[0]} prompts, "
+                          f"{real_images.shape[0]} images.")
+    fake = generate_for_loss(backbone, prompt_embeds, prompt_mask, cfg, generator=generator, noise=noise,
+                             neg_embeds=neg_embeds, neg_mask=neg_mask)
+    return color_moment_loss(fake, real_images, cfg.color_variant)
+
+
+def _batch_latents(backbone: Any, batch: Mapping[str, Any], generator: torch.Generator | None) -> torch.Tensor:
+    import torch
+
+    if batch.get("latents") is not None:
+        return batch["latents"]
+    if batch.get("pixel_values") is None:
+        raise ConfigError("A training batch needs 'latents' (scaled VAE latents) or 'pixel_values' in [-1, 1].")
+    vae = backbone.vae
+    px = batch["pixel_values"].to(vae.device, vae.dtype)
+    with torch.no_grad():
+        dist = vae.encode(px).latent_dist
+        z = dist.mean + dist.std * _randn(tuple(dist.mean.shape), generator, dist.mean)
+    return z * vae.config.scaling_factor
+
+
+def _batch_prompts(backbone: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch.get("prompt_embeds") is not None:
+        return batch["prompt_embeds"], batch["prompt_mask"]
+    if batch.get("input_ids") is None:
+        raise ConfigError("A training batch needs 'input_ids' + 'attention_mask' or cached "
+                          "'prompt_embeds' + 'prompt_mask'.")
+    return encode_prompts(backbone, batch["input_ids"], batch["attention_mask"])
+
+
+def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFConfig, *,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One HLDF training objective: ``L_latent`` plus ``w·L_color`` when :func:`is_pixel_step` (step is
+    the 0-based optimiser step).
+
+    ``batch`` keys: ``latents`` (scaled VAE latents) or ``pixel_values`` (encoded here, no grad);
+    ``input_ids`` + ``attention_mask`` (T5 run here, with grad if it has LoRA) or cached
+    ``prompt_embeds`` + ``prompt_mask``; ``pixel_values`` ([-1, 1]) are required on pixel steps. Optional
+    ``neg_embeds`` + ``neg_mask`` reuse a cached negative prompt when T5 is frozen.
+    Returns the loss tensor and float logs: loss, loss_latent, and on pixel steps loss_color, color_weight.
+    """
+    embeds, mask = _batch_prompts(backbone, batch)
+    tr = backbone.transformer
+    latents = _batch_latents(backbone, batch, generator).to(tr.device, tr.dtype)
+    l_lat = latent_loss(tr, latents, embeds.to(tr.dtype), mask, generator=generator,
+                        scheduler_config=backbone.scheduler.config)
+    logs: dict[str, float] = {"loss_latent": float(l_lat.detach())}
+    loss = l_lat
+    if is_pixel_step(step, cfg):
+        real = batch.get("pixel_values")
+        if real is None:
+            raise ConfigError(f"Step {step} is a pixel-level HLDF step but the batch has no 'pixel_values'; "
+                              "keep images in the batch (or cache them) when pixel_every is set.")
+        l_col = pixel_loss(backbone, embeds.to(tr.dtype), mask, real.to(tr.device), cfg, generator=generator,
+                           neg_embeds=batch.get("neg_embeds"), neg_mask=batch.get("neg_mask"))
+        loss = loss + cfg.weight * l_col
+        logs["loss_color"] = float(l_col.detach())
+        logs["color_weight"] = cfg.weight
+    logs["loss"] = float(loss.detach())
+    return loss, logs
