@@ -1,0 +1,105 @@
+"""Data-parallel training on CPU: two processes (gloo, launched with torch.distributed.run) see different
+images, average their gradients, and end with identical adapter weights; only rank 0 writes checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = r'''
+import json, sys
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from medart_core.captions import CaptionStore
+from medart_core.train import TrainConfig, adapter_tensors, train
+from medart_core.workspace import Workspace
+
+ws_root, cfg_path, out = sys.argv[1:4]
+ws = Workspace.open(ws_root)
+res = train(TrainConfig.from_json(open(cfg_path).read()), ws, CaptionStore.for_workspace(ws), run_name="ddp")
+rank = dist.get_rank() if dist.is_initialized() else 0
+save_file(adapter_tensors(res.backbone), f"{out}/rank{rank}.safetensors")
+print(json.dumps({"rank": rank, "world": dist.get_world_size() if dist.is_initialized() else 1,
+                  "step": res.step, "pid": __import__("os").getpid()}))
+'''
+
+
+def make_dataset(ws, store, name: str = "mini", n: int = 7, size: tuple[int, int] = (48, 40)) -> list[int]:
+    from medart_core.captions import ImageRecord
+    from medart_core.data import pixel_hash
+
+    store.create_dataset(name, modality="generic")
+    ws.images_dir(name).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    recs, drafts = [], []
+    for i in range(n):
+        arr = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        h = pixel_hash(img)
+        fn = f"images/{h[:16]}.png"
+        img.save(ws.dataset_dir(name) / fn)
+        recs.append(ImageRecord(None, name, fn, f"class{i % 2}", h, size[0], size[1], {}))
+        drafts.append((f"An image of class {i % 2} number {i}", "template"))
+    return store.add_images(name, recs, drafts=drafts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from medart_core.train import TrainConfig, read_checkpoint
+
+    make_dataset(ws, store)
+    cfg = TrainConfig.from_dict(dict(
+        backbone="tiny", resolution=32, dataset="mini", captions="latest", lora={"rank": 2, "alpha": 2.0},
+        hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False}, batch_size=1, max_steps=4,
+        checkpoint_every=2, validate_every=4, validation_steps=2, validation_seeds=[0], val_images=1,
+        export_merged=False, lr=1e-2))
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    (tmp_path / "script.py").write_text(SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    reports = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')),
+                     key=lambda d: d["rank"])
+    assert [(d["rank"], d["world"], d["step"]) for d in reports] == [(0, 2, 4), (1, 2, 4)]
+
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert sorted(a) == sorted(b) and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"ranks disagree on {k}"
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)   # they trained
+
+    run = ws.run_dir("ddp")
+    cks = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert cks == ["latest", "step_000002", "step_000004"]
+    state, tensors = read_checkpoint(run / "checkpoints" / "step_000004")
+    assert state["world_size"] == 2 and state["writer_rank"] == 0 and state["images_per_step"] == 2
+    assert state["writer_pid"] == reports[0]["pid"]
+    assert tensors["rng"]["torch_cpu"].shape[0] == 2        # both ranks' RNG streams saved
+    for k in a:
+        assert torch.equal(tensors["adapters"][k], a[k])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss_latent" in m] == [1, 2, 3, 4]   # one writer, no duplicates
