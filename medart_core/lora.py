@@ -241,7 +241,12 @@ def save_adapters(backbone: Any, folder: str | Path) -> Path:
         sub = folder / _PARTS[part]
         sub.mkdir(parents=True, exist_ok=True)
         model = getattr(backbone, _PARTS[part])
-        lcfg.base_model_name_or_path = backbone.spec if not Path(str(backbone.spec)).is_dir() else None
+        # Only a Hub id is worth recording: peft looks a recorded name up on the Hub when loading, and
+        # "tiny" or a folder path would send it to the network for nothing.
+        from .backbone import _looks_like_hub_id
+
+        spec = str(backbone.spec)
+        lcfg.base_model_name_or_path = spec if _looks_like_hub_id(spec) and not Path(spec).exists() else None
         lcfg.save_pretrained(str(sub))
         tensors = {_PEFT_PREFIX + k: v.contiguous() for k, v in sd[part].items()}
         save_file(tensors, str(sub / ADAPTER_WEIGHTS), metadata={"format": "pt", "model": type(model).__name__})
