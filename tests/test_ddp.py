@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from training_data import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,25 +33,6 @@ print(json.dumps({"rank": rank, "world": dist.get_world_size() if dist.is_initia
 '''
 
 
-def make_dataset(ws, store, name: str = "mini", n: int = 7, size: tuple[int, int] = (48, 40)) -> list[int]:
-    from medart_core.captions import ImageRecord
-    from medart_core.data import pixel_hash
-
-    store.create_dataset(name, modality="generic")
-    ws.images_dir(name).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    recs, drafts = [], []
-    for i in range(n):
-        arr = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        h = pixel_hash(img)
-        fn = f"images/{h[:16]}.png"
-        img.save(ws.dataset_dir(name) / fn)
-        recs.append(ImageRecord(None, name, fn, f"class{i % 2}", h, size[0], size[1], {}))
-        drafts.append((f"An image of class {i % 2} number {i}", "template"))
-    return store.add_images(name, recs, drafts=drafts)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +46,7 @@ def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path):
 
     from medart_core.train import TrainConfig, read_checkpoint
 
-    make_dataset(ws, store)
+    make_dataset(ws, store, n=7)
     cfg = TrainConfig.from_dict(dict(
         backbone="tiny", resolution=32, dataset="mini", captions="latest", lora={"rank": 2, "alpha": 2.0},
         hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False}, batch_size=1, max_steps=4,
