@@ -955,8 +955,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--only-over-limit", action="store_true",
                    help="only images whose caption is over the 120-token limit")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE_SPEC,
-                   help="backbone whose T5 tokenizer counts the 120-token limit (tiny, a Hub id or a folder)")
+    p.add_argument("--backbone", default=os.environ.get("MEDART_BACKBONE") or DEFAULT_BACKBONE_SPEC,
+                   help="backbone whose T5 tokenizer counts the 120-token limit: tiny (offline demo), a Hub id "
+                        f"or a folder (default: $MEDART_BACKBONE or {DEFAULT_BACKBONE_SPEC})")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cli_caption)
 
@@ -988,6 +989,15 @@ def _cli_caption(args: argparse.Namespace) -> int:
     if args.device and args.drafter != "template":
         kw["device"] = args.device
     drafter = make_drafter(args.drafter, model=args.model, **kw)
+    try:  # fail before the progress bar if the tokenizer that counts the 120 tokens is not available
+        from .backbone import load_tokenizer
+
+        load_tokenizer(args.backbone)
+    except MissingWeightsError as e:
+        raise MissingWeightsError(
+            f"The 120-token check counts with the T5 tokenizer of --backbone {args.backbone!r}, which is not "
+            f"available here. Pass --backbone tiny (offline demo) or a local folder, or set MEDART_BACKBONE. "
+            f"Details: {e}") from e
     bar = tqdm(total=store.count_images(args.dataset), unit="img", desc=f"caption {args.dataset}")
 
     def progress(done: int, total: int, failures: int) -> None:

@@ -53,3 +53,20 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
               "--out", str(tmp_path / "o"))
     assert out.returncode == 2
     assert "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_caption_without_backbone_weights_says_which_flag_to_set(tmp_path):
+    ws = tmp_path / "ws"
+    src = tmp_path / "src" / "polyps"
+    src.mkdir(parents=True)
+    Image.fromarray((np.random.default_rng(2).random((130, 130, 3)) * 255).astype("uint8")).save(src / "a.png")
+    assert run("import", str(src.parent), "--workspace", str(ws), "--dataset", "kv").returncode == 0
+    env_run = subprocess.run(
+        [sys.executable, "-m", "medart_core", "caption", "--workspace", str(ws), "--dataset", "kv",
+         "--drafter", "template", "--backbone", "PixArt-alpha/PixArt-XL-2-512x512"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert env_run.returncode == 2, env_run.stderr
+    assert "--backbone tiny" in env_run.stderr and "Traceback" not in env_run.stderr
+    ok = run("caption", "--workspace", str(ws), "--dataset", "kv", "--drafter", "template", "--backbone", "tiny")
+    assert ok.returncode == 0 and "1 drafted" in ok.stdout, ok.stdout + ok.stderr
