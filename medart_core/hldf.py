@@ -13,11 +13,11 @@ torch is imported inside functions: the CLI imports this module at start-up.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from .config import JsonConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +31,7 @@ PIXART_DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02
 
 
 @dataclass
-class HLDFConfig:
+class HLDFConfig(JsonConfig):
     """HLDF hyper-parameters (defaults = the paper). Round-trips through JSON (``to_json``/``from_json``).
 
     pixel_every: N, a pixel-level step every N optimiser steps (see :func:`is_pixel_step`).
@@ -44,6 +44,8 @@ class HLDFConfig:
     checkpointing: recompute each sampling step and the VAE decoder in the backward pass (same gradients,
         memory of ~one step instead of M).
     """
+
+    CONFIG_NAME: ClassVar[str] = "HLDF config"
 
     pixel_every: int = 500
     sample_steps: int = 20
@@ -77,24 +79,6 @@ class HLDFConfig:
     def weight(self) -> float:
         """The colour-loss weight actually used: ``color_weight`` or 1/M."""
         return float(self.color_weight) if self.color_weight is not None else 1.0 / self.sample_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HLDFConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown HLDF config keys {unknown}; valid keys are {sorted(known)}.")
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> HLDFConfig:
-        return cls.from_dict(json.loads(text))
 
 
 def is_pixel_step(step: int, cfg: HLDFConfig) -> bool:

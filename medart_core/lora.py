@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from .config import JsonConfig
 from .errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,8 +39,10 @@ _PARTS = {"dit": "transformer", "t5": "text_encoder"}  # state-dict key -> Backb
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(JsonConfig):
     """LoRA hyper-parameters (defaults = the paper: rank 8 on the DiT and on T5). JSON round trip."""
+
+    CONFIG_NAME: ClassVar[str] = "LoRA config"
 
     rank: int = 8
     alpha: float = 8.0
@@ -59,24 +62,6 @@ class LoRAConfig:
             raise ConfigError("dit_targets is empty: name at least one DiT layer for LoRA.")
         self.dit_targets = list(self.dit_targets)
         self.t5_targets = list(self.t5_targets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown LoRA config keys {unknown}; valid keys are {sorted(known)}.")
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> LoRAConfig:
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass
