@@ -132,3 +132,41 @@ def test_cli_help_is_fast():
                          timeout=60)
     assert out.returncode == 0 and "sample-data" in out.stdout and "export" in out.stdout
     assert time.monotonic() - t0 < 20
+
+
+def test_dataset_tab_import_reports_bad_files_and_keeps_good_ones(ws, store, tmp_path):
+    """Upload through the Dataset tab (gradio_client, live server): good images land, bad ones get a reason."""
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from studio.app import build_app
+    from studio.context import StudioContext
+
+    good = tmp_path / "lesion.png"
+    Image.fromarray((np.random.default_rng(3).random((140, 150, 3)) * 255).astype("uint8")).save(good)
+    gray16 = tmp_path / "ct16.png"
+    Image.fromarray((np.arange(160 * 160).reshape(160, 160) * 2).astype("uint16")).save(gray16)
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+
+    demo = build_app(StudioContext(ws=ws, store=store, backbone_spec="tiny"))
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            allowed_paths=[str(ws.datasets_dir)])
+    try:
+        client = Client(url, verbose=False)
+        out = client.predict([handle_file(str(p)) for p in (good, gray16, bad, empty)], "uploads", "lesion",
+                             "dermoscopy", None, api_name="/import")
+        report = out[0]
+        assert "notes.png" in report and "empty.jpg" in report, report
+        assert store.count_images("uploads") == 2
+        assert {r.label for r in store.list_images("uploads")} == {"lesion"}
+        # A second upload of the same pixels is a duplicate: nothing changes.
+        again = client.predict([handle_file(str(good))], "uploads", "lesion", "dermoscopy", "uploads",
+                               api_name="/import")[0]
+        assert "duplicate" in again.lower() and store.count_images("uploads") == 2
+    finally:
+        demo.close()
