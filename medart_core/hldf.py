@@ -108,8 +108,10 @@ def encode_prompts(backbone: Any, input_ids: torch.Tensor, attention_mask: torch
     te = backbone.text_encoder
     dev = te.device
     ids, mask = input_ids.to(dev), attention_mask.to(dev)
+    from .sampling import run_text_encoder
+
     with torch.set_grad_enabled(torch.is_grad_enabled() and _t5_trainable(te)):
-        emb = te(ids, attention_mask=mask)[0]
+        emb = run_text_encoder(te, ids, mask)
     return emb, mask
 
 
@@ -133,8 +135,9 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torc
 
 def _dit_eps(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
-    from .sampling import size_conditions
+    from .sampling import size_conditions, trim_text_padding
 
+    embeds, mask = trim_text_padding(embeds, mask)
     # latent_scale 8: the SD VAE; only read by the 1024 px model's size conditions.
     out = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
                       added_cond_kwargs=size_conditions(transformer, x, 8, embeds.dtype), return_dict=False)[0]

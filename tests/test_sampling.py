@@ -175,3 +175,38 @@ def test_decode_checkpointing_recomputes_blocks_with_equal_gradients(bb):
     torch.testing.assert_close(gp_ck, gp, rtol=1e-5, atol=1e-7)
     assert b.vae.decoder.gradient_checkpointing is False  # left as found
     assert "_gradient_checkpointing_func" not in b.vae.decoder.__dict__
+
+
+def test_trimming_text_padding_changes_nothing_but_the_cost():
+    """T5 and the DiT see only the non-padding tokens; results equal the full 120-token computation."""
+    import torch
+
+    from medart_core.backbone import load_backbone
+    from medart_core.sampling import pixart_denoiser, run_text_encoder, tokenize_prompts, trim_text_padding
+
+    bb = load_backbone("tiny")
+    ids, mask = tokenize_prompts(bb.tokenizer, ["a ct image of the head", "an endoscopic image of polyps, red"])
+    trimmed_ids, trimmed_mask = trim_text_padding(ids, mask)
+    assert trimmed_ids.shape[1] == int(mask.sum(1).max()) < 120
+    with torch.no_grad():
+        full = bb.text_encoder(ids, attention_mask=mask)[0]
+        fast = run_text_encoder(bb.text_encoder, ids, mask)
+        assert fast.shape == full.shape
+        real = mask.bool()
+        assert torch.allclose(fast[real], full[real], atol=1e-5)
+        assert not fast[:, trimmed_ids.shape[1]:].any(), "the all-padding tail is never computed"
+
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor(600)
+        neg_ids, neg_mask = tokenize_prompts(bb.tokenizer, ["", ""])
+        neg = bb.text_encoder(neg_ids, attention_mask=neg_mask)[0]
+        eps = pixart_denoiser(bb.transformer, full, mask, neg, neg_mask, guidance=4.5)(x, t)
+        xin, tt = torch.cat([x, x]), t.reshape(1).expand(4)
+        out = bb.transformer(xin, encoder_hidden_states=torch.cat([neg, full]),
+                             encoder_attention_mask=torch.cat([neg_mask, mask]), timestep=tt,
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
+        u, c = out.chunk(2)
+        assert torch.allclose(eps, u + 4.5 * (c - u), atol=1e-5)
+    # Nothing to trim when a row uses every position.
+    same_ids, _ = trim_text_padding(ids, torch.ones_like(mask))
+    assert same_ids.shape[1] == 120
