@@ -4,8 +4,9 @@ settings (pixel step every N=50 steps, M sampler steps), same number of steps, b
 
     python bench/train_throughput.py [--steps 200] [--segments 2] [--threads 1] [--sample-steps 20]
 
-Both runs go through ``medart_core.train.train``; the only config difference is ``cache_features`` (which
-also lets our loop drop the all-padding tail of the 120 text tokens, see TrainConfig.trim_text_padding).
+Both runs go through ``medart_core.train.train``; the config differs in ``cache_features`` and in
+``trim_text_padding`` (ours computes text work on the non-padding tokens only; the reference, like the
+paper's code, on all 120 positions).
 The machine is shared, so the two runs are interleaved in ``--segments`` chunks (each run resumes from its
 own checkpoint) and both see the same load drift. Figures: images/s over the optimiser steps (setup,
 checkpoint and validation time excluded, pixel steps included) from each run's metrics.jsonl; the
@@ -36,7 +37,9 @@ def config(steps: int, cached: bool, sample_steps: int):
         hldf={"pixel_every": 50, "sample_steps": sample_steps, "guidance": 4.5, "grad_path": "truncated",
               "truncated_k": 2, "checkpointing": False},
         batch_size=1, max_steps=steps, checkpoint_every=10_000, validate_every=10_000, validation_steps=2,
-        validation_seeds=[0], val_images=1, cache_features=cached, export_merged=False, optimizer="adamw"))
+        validation_seeds=[0], val_images=1, cache_features=cached, export_merged=False, optimizer="adamw",
+        # The reference computes T5 and the DiT's text attention over all 120 positions, padding included.
+        trim_text_padding=cached))
 
 
 def summarize(ws, run: str) -> dict:

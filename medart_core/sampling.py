@@ -13,6 +13,8 @@ torch / diffusers are imported inside functions: the CLI imports this module at 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -274,6 +276,20 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str], *, max_length: int = 12
     return enc.input_ids, enc.attention_mask
 
 
+_TRIM_TEXT = contextvars.ContextVar("medart_trim_text_padding", default=True)
+
+
+@contextlib.contextmanager
+def text_padding_trimming(enabled: bool):
+    """Turn :func:`trim_text_padding` on or off for the code run inside (e.g. to time the reference
+    approach, which always computes all 120 text positions)."""
+    token = _TRIM_TEXT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRIM_TEXT.reset(token)
+
+
 def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the tail of text positions that are padding in every row (right padding, as PixArt pads).
 
@@ -281,6 +297,8 @@ def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     exactly zero weight), so the result is the same computed over fewer tokens: a 12-token caption padded
     to 120 costs a tenth of the text work. Works on token ids as well as embeddings.
     """
+    if not _TRIM_TEXT.get():
+        return embeds, mask
     keep = max(int(mask.sum(1).max()), 1) if mask.numel() else mask.shape[-1]
     if keep >= mask.shape[1] or bool(mask[:, keep:].any()):
         return embeds, mask

@@ -86,7 +86,7 @@ class TrainConfig:
     val_images: int = 4                    # held out of training for the deterministic validation loss
     cache_features: bool = False           # T5 embeddings + VAE latents computed once (needs a frozen T5)
     cache_batch_size: int = 8
-    trim_text_padding: bool = True         # cached runs: drop the all-padding tail of the 120 text tokens
+    trim_text_padding: bool = True         # T5 and the DiT skip the all-padding tail of the 120 text tokens
     export_merged: bool = True             # at the end: also a merged pipeline folder (a full model copy)
 
     # ---- JSON -------------------------------------------------------------------------------------------
@@ -913,6 +913,18 @@ def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str |
           log: Callable[[str], None] | None = None) -> TrainResult:
     """Fine-tune LoRA adapters with HLDF; see the module docstring. ``resume=RUN`` continues run RUN from its
     latest checkpoint (``cfg`` may then be None, or differ only in RESUME_MUTABLE fields)."""
+    from .sampling import text_padding_trimming
+
+    # A resumed run keeps the text-length handling it started with (it is not a resume-mutable field).
+    run_cfg = _load_run_config(ws.run_dir(resume)) if resume is not None else cfg
+    with text_padding_trimming(run_cfg.trim_text_padding if run_cfg is not None else True):
+        return _train(cfg, ws, store, run_name=run_name, resume=resume, callbacks=callbacks,
+                      accelerator=accelerator, log=log)
+
+
+def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str | None,
+           resume: str | None, callbacks: Any, accelerator: Any,
+           log: Callable[[str], None] | None) -> TrainResult:
     import contextlib
 
     import numpy as np

@@ -210,3 +210,16 @@ def test_trimming_text_padding_changes_nothing_but_the_cost():
     # Nothing to trim when a row uses every position.
     same_ids, _ = trim_text_padding(ids, torch.ones_like(mask))
     assert same_ids.shape[1] == 120
+
+
+def test_text_padding_trimming_can_be_switched_off():
+    import torch
+
+    from medart_core.sampling import text_padding_trimming, trim_text_padding
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    emb = torch.randn(2, 4, 3)
+    assert trim_text_padding(emb, mask)[0].shape[1] == 2
+    with text_padding_trimming(False):
+        assert trim_text_padding(emb, mask)[0].shape[1] == 4
+    assert trim_text_padding(emb, mask)[0].shape[1] == 2
