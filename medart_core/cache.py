@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import StaleCacheError
+from .fileio import fsync_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -81,14 +82,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def weights_fingerprint(spec: str) -> str:
@@ -146,7 +139,7 @@ class FeatureCache:
     def _write_index(self, idx: dict[str, Any]) -> None:
         tmp = self.dir / f".index.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(idx, sort_keys=True), encoding="utf-8")
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, self.index_path)
 
     def verify(self, items: Sequence[CacheItem]) -> tuple[dict[str, Any], list[CacheItem], list[str]]:
@@ -205,7 +198,7 @@ class FeatureCache:
             name = f"shard-{len(idx['shards']):05d}-{secrets.token_hex(4)}.safetensors"
             tmp = self.dir / f".{name}.tmp-{os.getpid()}"
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-            _fsync(tmp)
+            fsync_file(tmp)
             os.replace(tmp, self.dir / name)
             idx["shards"][name] = {"size": (self.dir / name).stat().st_size, "sha256": _sha256_file(self.dir / name)}
             for it in chunk:

@@ -16,13 +16,12 @@ so an edit that went wrong is never mistaken for the defaults.
 from __future__ import annotations
 
 import json
-import os
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .fileio import atomic_write_text
 
 PROMPTS_FILE_VERSION = 1
 KNOWN_PLACEHOLDERS = ("seed", "class")
@@ -162,20 +161,6 @@ def load_prompt(ws, dataset: str, modality: str | None) -> PromptTemplate:
     return load_prompts(ws, dataset)[normalise_modality(modality)]
 
 
-def _atomic_write_text(path: Path, text: str, tmp_dir: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".prompts-", suffix=".json", dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_prompts(ws, dataset: str, prompts: dict[str, PromptTemplate] | list[PromptTemplate]) -> Path:
     """Validate and store templates for a dataset (merged over what the file already holds)."""
     items = list(prompts.values()) if isinstance(prompts, dict) else list(prompts)
@@ -188,7 +173,7 @@ def save_prompts(ws, dataset: str, prompts: dict[str, PromptTemplate] | list[Pro
     stored.update({p.modality: p for p in items})
     body = {"version": PROMPTS_FILE_VERSION,
             "templates": {m: p.to_dict() for m, p in sorted(stored.items())}}
-    _atomic_write_text(path, json.dumps(body, indent=2, ensure_ascii=False) + "\n", ws.tmp_dir)
+    atomic_write_text(path, json.dumps(body, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
@@ -205,5 +190,5 @@ def reset_prompt(ws, dataset: str, modality: str) -> Path | None:
     stored.pop(normalise_modality(modality), None)
     body = {"version": PROMPTS_FILE_VERSION,
             "templates": {m: p.to_dict() for m, p in sorted(stored.items())}}
-    _atomic_write_text(path, json.dumps(body, indent=2, ensure_ascii=False) + "\n", ws.tmp_dir)
+    atomic_write_text(path, json.dumps(body, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .errors import ConfigError, NotFoundError, TrainingDivergedError
+from .fileio import atomic_write_text, fsync_dir, fsync_file
 from .workspace import Workspace, validate_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -350,36 +351,8 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple["torch.Tensor", "tor
 
 
 # =========================================================================================================
-# Small file helpers (atomic, fsynced)
+# Metrics log (appended, fsynced per line)
 # =========================================================================================================
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class MetricsLog:
     """``runs/<run>/metrics.jsonl``: one JSON object per line, flushed and fsynced as it is written, so a
     crash loses at most the line being written."""
@@ -609,20 +582,20 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, "tor
     for name, tdict in tensors.items():
         p = tmp / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in tdict.items()}, str(p), metadata={"format": "pt"})
-        _fsync_file(p)
+        fsync_file(p)
         files[p.name] = p.stat().st_size
     state = dict(state, files=files, format=CHECKPOINT_FORMAT)
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a killed run wrote this step after its pointer's checkpoint: replace it whole
         old = root / f"{final.name}.old-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / "latest", final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != final:

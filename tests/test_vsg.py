@@ -473,7 +473,7 @@ def test_prompts_round_trip_and_validation(ws, store):
     assert raw["templates"]["dermoscopy"] == {"template": mine.template, "features": ["colour", "border"]}
     assert load_prompt(ws, "p", "dermoscopy") == mine
     assert load_prompts(ws, "p")["endoscopy"] == default_prompt("endoscopy")   # others stay default
-    assert not list(ws.tmp_dir.iterdir())                                       # atomic write cleaned up
+    assert [f.name for f in path.parent.iterdir() if f.name.endswith('.tmp')] == []  # atomic write cleaned up
 
     for bad, why in [("Describe {class}.", "must contain {seed}"), ("{seed} {colour}", "unknown placeholder"),
                      ("{seed} {", "unbalanced"), ("", "empty")]:
