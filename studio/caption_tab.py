@@ -379,17 +379,30 @@ def apply_filters(ctx, state: CaptionSession, dataset: str | None, flt: ops.Capt
     return render(ctx, state, _notice(f"{len(state.ids)} image(s) match (list taken {state.listed_at} UTC)."))
 
 
+def _flush_editor(ctx, state: CaptionSession, text: str, key: str | None, reviewer: str | None,
+                  stale_msg: str = "The editor was out of date; nothing was written.",
+                  ) -> tuple[str | None, dict | None]:
+    """Write the editor's text (if changed) on the version it was loaded from, before any other action.
+
+    Returns ``(outcome, None)`` to go on, or ``(None, view)`` when the action must stop here: a stale key
+    (a repeated keypress), a conflict (both texts shown) or invalid text (a warning)."""
+    if _stale_key(state, key):
+        return None, render(ctx, state, _warn(stale_msg))
+    try:
+        return _write_text_if_changed(ctx, state, text, reviewer), None
+    except ConflictError as e:
+        return None, _conflict_view(state, e, text)
+    except ConfigError as e:
+        return None, _keep(state, _warn(str(e)))
+
+
 def _move(ctx, state: CaptionSession, text: str, key: str | None, reviewer: str | None, step: int,
           saved_note: str = "") -> dict:
-    if _stale_key(state, key):
-        return render(ctx, state, _warn("The editor was out of date (a key was pressed twice quickly); "
-                                        "nothing was written. Check the text and try again."))
-    try:
-        saved = _write_text_if_changed(ctx, state, text, reviewer)
-    except ConflictError as e:
-        return _conflict_view(state, e, text)
-    except ConfigError as e:
-        return _keep(state, _warn(str(e)))
+    saved, stop = _flush_editor(ctx, state, text, key, reviewer,
+                                "The editor was out of date (a key was pressed twice quickly); nothing was "
+                                "written. Check the text and try again.")
+    if stop is not None:
+        return stop
     if not state.ids:
         return render(ctx, state, _notice("No image matches the filters."))
     new_index = state.index + step
@@ -413,14 +426,9 @@ def go_prev(ctx, state: CaptionSession, text: str, key: str | None = None, revie
 def go_next_pending(ctx, state: CaptionSession, text: str, key: str | None = None,
                     reviewer: str | None = None) -> dict:
     """Jump to the next image (in the filtered order, wrapping) whose status is *now* pending."""
-    if _stale_key(state, key):
-        return render(ctx, state, _warn("The editor was out of date; nothing was written."))
-    try:
-        saved = _write_text_if_changed(ctx, state, text, reviewer)
-    except ConflictError as e:
-        return _conflict_view(state, e, text)
-    except ConfigError as e:
-        return _keep(state, _warn(str(e)))
+    saved, stop = _flush_editor(ctx, state, text, key, reviewer)
+    if stop is not None:
+        return stop
     if not state.ids:
         return render(ctx, state, _notice("No image matches the filters."))
     n, start = len(state.ids), state.index
@@ -454,14 +462,9 @@ def save(ctx, state: CaptionSession, text: str, key: str | None = None, reviewer
     """Save the editor text as an edit on the version it was loaded from."""
     if state.image_id is None:
         return _keep(state, _warn("No image is shown; nothing to save."))
-    if _stale_key(state, key):
-        return render(ctx, state, _warn("The editor was out of date; nothing was written."))
-    try:
-        saved = _write_text_if_changed(ctx, state, text, reviewer)
-    except ConflictError as e:
-        return _conflict_view(state, e, text)
-    except ConfigError as e:
-        return _keep(state, _warn(str(e)))
+    saved, stop = _flush_editor(ctx, state, text, key, reviewer)
+    if stop is not None:
+        return stop
     if saved == "unchanged":
         return _keep(state, _notice("No change to save."))
     return render(ctx, state, _notice(f"Saved (version {state.loaded_version})."))
