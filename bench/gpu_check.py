@@ -17,7 +17,7 @@ and measures, with bf16 frozen weights and fp32 LoRA (rank 8 on the DiT and on T
     truncated  ours with ``grad_path="truncated"``, K=2
   latent step: images/s at batch 4 and 1, ours with cached T5 embeddings + VAE posteriors vs the
     reference's work per step (T5 with LoRA + VAE encoder every step), both with an AdamW step
-  generation: s/image, ``sampling.sample_pixart`` (no grad) + ``decode`` vs stock ``PixArtAlphaPipeline``
+  generation: s/image, ``pixart.sample_latents`` (no grad) + ``decode`` vs stock ``PixArtAlphaPipeline``
     over the same components, M steps, CFG 4.5
 
 Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` (reset before each measurement; it includes the
@@ -463,7 +463,7 @@ class Check:
     # -- pixel steps --
     def pixel_ours(self, grad_path: str) -> dict[str, Any]:
         from medart_core.hldf import HLDFConfig, encode_prompts, pixel_loss
-        from medart_core.sampling import tokenize_prompts
+        from medart_core.pixart import tokenize_prompts
 
         self._maybe_oom(grad_path)
         cfg = HLDFConfig(sample_steps=self.args.steps, guidance=GUIDANCE, grad_path=grad_path,
@@ -582,7 +582,7 @@ class Check:
         """Time ``latent_iters`` training steps at batch ``b``: the reference's per-step work, then ours."""
         torch = self.torch
         from medart_core.hldf import hybrid_loss
-        from medart_core.sampling import tokenize_prompts
+        from medart_core.pixart import tokenize_prompts
 
         res, vae = self.bb.resolution, self.bb.vae
         gen = torch.Generator().manual_seed(10 + b)
@@ -631,7 +631,7 @@ class Check:
     # -- generation --
     def run_generation(self) -> None:
         torch = self.torch
-        from medart_core.sampling import decode, encode_text, sample_pixart
+        from medart_core.pixart import decode, encode_text, sample_latents
 
         if not self.has_time(self.args.section_min_s, "generation"):
             self.results["generation"] = {"status": "skipped (time budget)"}
@@ -645,7 +645,7 @@ class Check:
             with torch.no_grad():
                 emb, m = encode_text(self.bb, [PROMPT])
                 neg, negm = encode_text(self.bb, [""])
-                lat = sample_pixart(self.bb, emb.to(self.dtype), m, neg.to(self.dtype), negm, steps=self.args.steps,
+                lat = sample_latents(self.bb, emb.to(self.dtype), m, neg.to(self.dtype), negm, steps=self.args.steps,
                                     guidance=GUIDANCE, latents=self.noise.clone())
                 images["ours"] = (decode(self.bb.vae, lat) / 2 + 0.5).clamp(0, 1)  # as output_type="pt" returns
             return {}

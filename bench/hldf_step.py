@@ -125,12 +125,12 @@ def _step_ref(bb, real, noise, steps: int, folder: str, reloads: int) -> float:
 
 def _step_ours(bb, real, noise, steps: int, variant: str) -> float:
     from medart_core import hldf as H
-    from medart_core.sampling import tokenize_prompts
+    from medart_core.pixart import encode_prompts, tokenize_prompts
 
     cfg = H.HLDFConfig(sample_steps=steps, grad_path="truncated" if variant == "truncated" else "full",
                        truncated_k=2, checkpointing=variant != "full_nockpt")
     ids, mask = tokenize_prompts(bb.tokenizer, [PROMPT])
-    emb, m = H.encode_prompts(bb, ids, mask)
+    emb, m = encode_prompts(bb, ids, mask)
     loss = H.pixel_loss(bb, emb, m, real, cfg, generator=None, noise=noise)
     loss.backward()
     return float(loss)

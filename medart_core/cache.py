@@ -164,8 +164,7 @@ class FeatureCache:
     def _compute(self, backbone: Any, items: Sequence[CacheItem]) -> dict[str, "torch.Tensor"]:
         import torch
 
-        from .hldf import encode_prompts
-        from .sampling import tokenize_prompts
+        from .pixart import encode_prompts, tokenize_prompts
         from .train import load_pixels
 
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]

@@ -92,61 +92,9 @@ def is_pixel_step(step: int, cfg: HLDFConfig) -> bool:
     return (int(step) + 1) % int(cfg.pixel_every) == 0
 
 
-def _t5_trainable(text_encoder: Any) -> bool:
-    return any(p.requires_grad for p in text_encoder.parameters())
-
-
-def encode_prompts(backbone: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 hidden states and mask for already tokenised prompts (padded to 120 tokens, mask passed to T5).
-
-    Builds a graph only when the text encoder has trainable parameters (LoRA on T5), so frozen-T5 runs
-    keep no activations.
-    """
-    import torch
-
-    te = backbone.text_encoder
-    dev = te.device
-    ids, mask = input_ids.to(dev), attention_mask.to(dev)
-    from .sampling import run_text_encoder
-
-    with torch.set_grad_enabled(torch.is_grad_enabled() and _t5_trainable(te)):
-        emb = run_text_encoder(te, ids, mask)
-    return emb, mask
-
-
-def encode_negative(backbone: Any, batch_size: int, *, text: str = "", max_length: int = 120
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of the negative prompt (``""`` in the paper) for ``batch_size`` images, tokenised and
-    lower-cased as the PixArt pipeline does; with a graph when T5 is trainable (it is part of the CFG)."""
-    from .sampling import tokenize_prompts
-
-    ids, mask = tokenize_prompts(backbone.tokenizer, [text] * batch_size, max_length=max_length)
-    return encode_prompts(backbone, ids, mask)
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    # Draw on the generator's device, then move: the same seed gives the same noise on CPU and GPU.
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(like.device, like.dtype)
-
-
-def _dit_eps(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-    from .sampling import size_conditions, trim_text_padding
-
-    embeds, mask = trim_text_padding(embeds, mask)
-    # latent_scale 8: the SD VAE; only read by the 1024 px model's size conditions.
-    out = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                      added_cond_kwargs=size_conditions(transformer, x, 8, embeds.dtype), return_dict=False)[0]
-    return out[:, : int(transformer.config.in_channels)]
-
-
 def latent_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                 prompt_mask: torch.Tensor, *, generator: torch.Generator | None,
-                scheduler_config: Any = None) -> torch.Tensor:
+                scheduler_config: Any = None, trim_padding: bool = True) -> torch.Tensor:
     """ε-prediction MSE (PixArt's training loss) on scaled VAE latents.
 
     t ~ U{0..T-1} per sample, ``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε`` with the DDPM ᾱ of
@@ -155,16 +103,17 @@ def latent_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Te
     """
     import torch
 
+    from .pixart import dit_eps, randn_like_on
     from .sampling import alphas_cumprod
 
     acp = alphas_cumprod(scheduler_config if scheduler_config is not None else PIXART_DDPM)
     b = latents.shape[0]
     gdev = generator.device if generator is not None else torch.device("cpu")
     t = torch.randint(0, acp.shape[0], (b,), generator=generator, device=gdev).to(latents.device)
-    noise = _randn(tuple(latents.shape), generator, latents)
+    noise = randn_like_on(generator, latents)
     a = acp.to(latents.device)[t].to(torch.float32).view(b, 1, 1, 1)
     noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
-    pred = _dit_eps(transformer, noisy, t, prompt_embeds, prompt_mask)
+    pred = dit_eps(transformer, noisy, t, prompt_embeds, prompt_mask, trim_padding=trim_padding)
     return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
 
@@ -204,42 +153,33 @@ def color_moment_loss(fake: torch.Tensor, real: torch.Tensor, variant: ColorVari
 def generate_for_loss(backbone: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                       cfg: HLDFConfig, *, generator: torch.Generator | None,
                       noise: torch.Tensor | None = None, neg_embeds: torch.Tensor | None = None,
-                      neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      neg_mask: torch.Tensor | None = None, trim_padding: bool = True) -> torch.Tensor:
     """Differentiably generate and decode one image per prompt for the pixel loss (images in ~[-1, 1]).
 
     Pure noise (drawn from ``generator`` unless ``noise`` is given), M steps DPM-Solver++(2M) with CFG and
     the negative prompt, then the VAE decoder on ``latents / scaling_factor``. The decoded image is not
     clamped: clamping would zero the gradient of exactly the saturated pixels the colour loss should move.
     """
+    from .pixart import decode, encode_negative, latent_shape, randn_like_on, sample_latents
 
-    from .sampling import decode, dpm_schedule, final_step_first_order, pixart_denoiser, sample_dpmpp_2m
-
-    tr, vae = backbone.transformer, backbone.vae
     b = prompt_embeds.shape[0]
     if neg_embeds is None and cfg.guidance > 1.0:
         neg_embeds, neg_mask = encode_negative(backbone, b, text=cfg.negative_prompt,
-                                               max_length=prompt_embeds.shape[1])
-    if neg_embeds is not None and neg_embeds.shape[0] != b:
-        neg_embeds, neg_mask = neg_embeds.expand(b, -1, -1), neg_mask.expand(b, -1)
+                                               max_length=prompt_embeds.shape[1], trim_padding=trim_padding)
     if noise is None:
-        lat = backbone.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-        noise = _randn((b, int(tr.config.in_channels), lat, lat), generator, prompt_embeds)
-    elif noise.shape[0] != b:
-        raise ConfigError(f"noise has batch {noise.shape[0]} but there are {b} prompts.")
-    m = int(cfg.sample_steps)
-    grad_from = max(0, m - int(cfg.truncated_k)) if cfg.grad_path == "truncated" else 0
-    den = pixart_denoiser(tr, prompt_embeds, prompt_mask, neg_embeds, neg_mask, cfg.guidance,
-                          latent_scale=2 ** (len(vae.config.block_out_channels) - 1))
-    latents = sample_dpmpp_2m(den, noise.to(prompt_embeds.dtype), dpm_schedule(backbone.scheduler.config, m),
-                              grad_from_step=grad_from, checkpoint=cfg.checkpointing,
-                              final_first_order=final_step_first_order(backbone.scheduler.config, m))
-    return decode(vae, latents, checkpoint=cfg.checkpointing)
+        noise = randn_like_on(generator, prompt_embeds.new_empty(latent_shape(backbone, b)))
+    latents = sample_latents(backbone, prompt_embeds, prompt_mask, neg_embeds, neg_mask, steps=int(cfg.sample_steps),
+                             guidance=cfg.guidance, latents=noise,
+                             grad_mode="truncated" if cfg.grad_path == "truncated" else "full",
+                             truncated_k=int(cfg.truncated_k), checkpoint=cfg.checkpointing,
+                             trim_padding=trim_padding)
+    return decode(backbone.vae, latents, checkpoint=cfg.checkpointing)
 
 
 def pixel_loss(backbone: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                real_images: torch.Tensor, cfg: HLDFConfig, *, generator: torch.Generator | None,
                noise: torch.Tensor | None = None, neg_embeds: torch.Tensor | None = None,
-               neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+               neg_mask: torch.Tensor | None = None, trim_padding: bool = True) -> torch.Tensor:
     """HLDF's pixel-level colour loss (unweighted): generate x̃_i for prompt i, compare with real x_i.
 
     Works at any batch size (image i is generated from prompt i and compared with real image i); the
@@ -250,36 +190,34 @@ def pixel_loss(backbone: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Te
         raise ConfigError(f"pixel loss needs one prompt per real image: {prompt_embeds.shape[0]} prompts, "
                           f"{real_images.shape[0]} images.")
     fake = generate_for_loss(backbone, prompt_embeds, prompt_mask, cfg, generator=generator, noise=noise,
-                             neg_embeds=neg_embeds, neg_mask=neg_mask)
+                             neg_embeds=neg_embeds, neg_mask=neg_mask, trim_padding=trim_padding)
     return color_moment_loss(fake, real_images, cfg.color_variant)
 
 
 def _batch_latents(backbone: Any, batch: Mapping[str, Any], generator: torch.Generator | None) -> torch.Tensor:
-    import torch
+    from .pixart import encode_latents
 
     if batch.get("latents") is not None:
         return batch["latents"]
     if batch.get("pixel_values") is None:
         raise ConfigError("A training batch needs 'latents' (scaled VAE latents) or 'pixel_values' in [-1, 1].")
-    vae = backbone.vae
-    px = batch["pixel_values"].to(vae.device, vae.dtype)
-    with torch.no_grad():
-        dist = vae.encode(px).latent_dist
-        z = dist.mean + dist.std * _randn(tuple(dist.mean.shape), generator, dist.mean)
-    return z * vae.config.scaling_factor
+    return encode_latents(backbone.vae, batch["pixel_values"], generator=generator)
 
 
-def _batch_prompts(backbone: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_prompts(backbone: Any, batch: Mapping[str, Any], trim_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .pixart import encode_prompts
+
     if batch.get("prompt_embeds") is not None:
         return batch["prompt_embeds"], batch["prompt_mask"]
     if batch.get("input_ids") is None:
         raise ConfigError("A training batch needs 'input_ids' + 'attention_mask' or cached "
                           "'prompt_embeds' + 'prompt_mask'.")
-    return encode_prompts(backbone, batch["input_ids"], batch["attention_mask"])
+    return encode_prompts(backbone, batch["input_ids"], batch["attention_mask"], trim_padding=trim_padding)
 
 
 def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFConfig, *,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+                generator: torch.Generator | None, trim_padding: bool = True
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """One HLDF training objective: ``L_latent`` plus ``w·L_color`` when :func:`is_pixel_step` (step is
     the 0-based optimiser step).
 
@@ -287,13 +225,14 @@ def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFCon
     ``input_ids`` + ``attention_mask`` (T5 run here, with grad if it has LoRA) or cached
     ``prompt_embeds`` + ``prompt_mask``; ``pixel_values`` ([-1, 1]) are required on pixel steps. Optional
     ``neg_embeds`` + ``neg_mask`` reuse a cached negative prompt when T5 is frozen.
+    ``trim_padding`` computes text work on the non-padding tokens only (same result, see ``pixart``).
     Returns the loss tensor and float logs: loss, loss_latent, and on pixel steps loss_color, color_weight.
     """
-    embeds, mask = _batch_prompts(backbone, batch)
+    embeds, mask = _batch_prompts(backbone, batch, trim_padding)
     tr = backbone.transformer
     latents = _batch_latents(backbone, batch, generator).to(tr.device, tr.dtype)
     l_lat = latent_loss(tr, latents, embeds.to(tr.dtype), mask, generator=generator,
-                        scheduler_config=backbone.scheduler.config)
+                        scheduler_config=backbone.scheduler.config, trim_padding=trim_padding)
     logs: dict[str, float] = {"loss_latent": float(l_lat.detach())}
     loss = l_lat
     if is_pixel_step(step, cfg):
@@ -302,7 +241,8 @@ def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFCon
             raise ConfigError(f"Step {step} is a pixel-level HLDF step but the batch has no 'pixel_values'; "
                               "keep images in the batch (or cache them) when pixel_every is set.")
         l_col = pixel_loss(backbone, embeds.to(tr.dtype), mask, real.to(tr.device), cfg, generator=generator,
-                           neg_embeds=batch.get("neg_embeds"), neg_mask=batch.get("neg_mask"))
+                           neg_embeds=batch.get("neg_embeds"), neg_mask=batch.get("neg_mask"),
+                           trim_padding=trim_padding)
         loss = loss + cfg.weight * l_col
         logs["loss_color"] = float(l_col.detach())
         logs["color_weight"] = cfg.weight

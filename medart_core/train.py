@@ -342,7 +342,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor", list[int]]:
     """Token ids and mask padded/truncated to 120 tokens exactly as the PixArt pipeline makes them
     (lower-cased), plus each text's untruncated length (to count over-long captions)."""
-    from .sampling import tokenize_prompts
+    from .pixart import tokenize_prompts
 
     ids, mask = tokenize_prompts(tokenizer, list(texts), max_length=MAX_TOKENS)
     lengths = [len(tokenizer(t.lower().strip(), add_special_tokens=True, truncation=False)["input_ids"])
@@ -689,29 +689,31 @@ def _to_pil(images: "torch.Tensor") -> list[Any]:
 
 def sample_validation_images(backbone: Any, embeds: "torch.Tensor", mask: "torch.Tensor", neg_embeds: "torch.Tensor",
                              neg_mask: "torch.Tensor", seeds: Sequence[int], *, steps: int, guidance: float,
-                             autocast: Callable[[], Any]) -> list["torch.Tensor"]:
+                             autocast: Callable[[], Any], trim_padding: bool = True) -> list["torch.Tensor"]:
     """One [P, 3, R, R] image batch (in [-1, 1]) per seed: DPM-Solver++ from noise seeded by that seed."""
     import torch
 
-    from .sampling import decode, sample_pixart
+    from .pixart import decode, sample_latents
 
     p = embeds.shape[0]
     out = []
     with torch.no_grad(), autocast():
         for seed in seeds:
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            lat = sample_pixart(backbone, embeds, mask, neg_embeds.expand(p, -1, -1), neg_mask.expand(p, -1),
-                                steps=steps, guidance=guidance, generator=gen, grad_mode="none")
+            lat = sample_latents(backbone, embeds, mask, neg_embeds.expand(p, -1, -1), neg_mask.expand(p, -1),
+                                 steps=steps, guidance=guidance, generator=gen, grad_mode="none",
+                                 trim_padding=trim_padding)
             out.append(decode(backbone.vae, lat).float())
     return out
 
 
 def validation_loss(backbone: Any, latents: "torch.Tensor", embeds: "torch.Tensor", mask: "torch.Tensor",
-                    *, seed: int, autocast: Callable[[], Any]) -> float:
+                    *, seed: int, autocast: Callable[[], Any], trim_padding: bool = True) -> float:
     """Mean ε-MSE of the held-out images at the fixed VALIDATION_TIMESTEPS with fixed noise: the same
     weights always give the same number, so curves compare across steps and runs."""
     import torch
 
+    from .pixart import dit_eps, vae_scale_factor
     from .sampling import alphas_cumprod
 
     acp = alphas_cumprod(backbone.scheduler.config)
@@ -726,9 +728,9 @@ def validation_loss(backbone: Any, latents: "torch.Tensor", embeds: "torch.Tenso
             eps = noise[k].to(latents.device)
             noisy = math.sqrt(a) * latents.float() + math.sqrt(1 - a) * eps
             t = torch.full((latents.shape[0],), t_int, dtype=torch.int64, device=latents.device)
-            out = tr(noisy.to(latents.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-            total += float(torch.nn.functional.mse_loss(out[:, :4].float(), eps.float()))
+            out = dit_eps(tr, noisy.to(latents.dtype), t, embeds, mask,
+                          latent_scale=vae_scale_factor(backbone.vae), trim_padding=trim_padding)
+            total += float(torch.nn.functional.mse_loss(out.float(), eps.float()))
     return total / len(VALIDATION_TIMESTEPS)
 
 
@@ -886,12 +888,7 @@ def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str |
           log: Callable[[str], None] | None = None) -> TrainResult:
     """Fine-tune LoRA adapters with HLDF; see the module docstring. ``resume=RUN`` continues run RUN from its
     latest checkpoint (``cfg`` may then be None, or differ only in RESUME_MUTABLE fields)."""
-    from .sampling import text_padding_trimming
-
-    # A resumed run keeps the text-length handling it started with (it is not a resume-mutable field).
-    run_cfg = _load_run_config(ws.run_dir(resume)) if resume is not None else cfg
-    with text_padding_trimming(run_cfg.trim_text_padding if run_cfg is not None else True):
-        return _train(cfg, ws, store, run_name=run_name, resume=resume, callbacks=callbacks,
+    return _train(cfg, ws, store, run_name=run_name, resume=resume, callbacks=callbacks,
                       accelerator=accelerator, log=log)
 
 
@@ -941,6 +938,9 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
             raise ConfigError(f"Run {run_name!r} already exists; continue it with --resume {run_name} or choose "
                               "another --run name.")
     cfg.validate()
+    from .pixart import encode_negative, encode_prompts
+
+    trim = bool(cfg.trim_text_padding)
     hcfg = cfg.hldf_config()
     lcfg = cfg.lora_config()
     precision = _resolve_precision(cfg, on_cuda, say if main else (lambda m: None))
@@ -998,7 +998,7 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
     # ---- feature cache, verified and completed before step 0 -----------------------------------------------
     cache = None
     cache_report: dict[str, Any] | None = None
-    neg = hldf.encode_negative(backbone, 1, text=hcfg.negative_prompt)
+    neg = encode_negative(backbone, 1, text=hcfg.negative_prompt, trim_padding=trim)
     neg = (neg[0].detach(), neg[1])
     if cfg.cache_features:
         cache = FeatureCache(ws, backbone_spec=cfg.backbone, resolution=resolution,
@@ -1009,11 +1009,11 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
         accelerator.wait_for_everyone()
         if not main:
             cache_report = cache.ensure(backbone, items, build=False).to_dict()
-        from .sampling import tokenize_prompts
+        from .pixart import tokenize_prompts
 
         vp_ids, vp_mask = tokenize_prompts(backbone.tokenizer, val_prompts, max_length=MAX_TOKENS)
         with torch.no_grad():
-            fixed_val_prompts = hldf.encode_prompts(backbone, vp_ids, vp_mask)
+            fixed_val_prompts = encode_prompts(backbone, vp_ids, vp_mask, trim_padding=trim)
         # T5 is not needed any more: give its memory back to the DiT.
         backbone.text_encoder.to("cpu")
         if on_cuda:
@@ -1114,7 +1114,7 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
             val_ids, val_mask, _ = tokenize(backbone.tokenizer, [e.text for e in val_set])
 
     def run_validation() -> tuple[Path, float | None]:
-        from .sampling import tokenize_prompts
+        from .pixart import tokenize_prompts
 
         backbone.transformer.eval()
         backbone.text_encoder.eval()
@@ -1125,19 +1125,19 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
                     n_emb, n_mask = neg
                     v_text = val_text if val_latents is not None else None
                 else:
-                    p_emb, p_mask = hldf.encode_prompts(backbone, *tokenize_prompts(
-                        backbone.tokenizer, val_prompts, max_length=MAX_TOKENS))
-                    n_emb, n_mask = hldf.encode_negative(backbone, 1, text=hcfg.negative_prompt)
-                    v_text = hldf.encode_prompts(backbone, val_ids, val_mask) if val_latents is not None else None
+                    p_emb, p_mask = encode_prompts(backbone, *tokenize_prompts(
+                        backbone.tokenizer, val_prompts, max_length=MAX_TOKENS), trim_padding=trim)
+                    n_emb, n_mask = encode_negative(backbone, 1, text=hcfg.negative_prompt, trim_padding=trim)
+                    v_text = encode_prompts(backbone, val_ids, val_mask, trim_padding=trim) if val_latents is not None else None
                 dev = lambda t: t.to(device)  # noqa: E731
                 images = sample_validation_images(
                     backbone, dev(p_emb).to(weight_dtype), dev(p_mask), dev(n_emb).to(weight_dtype), dev(n_mask),
                     cfg.validation_seeds, steps=cfg.validation_steps, guidance=cfg.validation_guidance,
-                    autocast=autocast)
+                    autocast=autocast, trim_padding=trim)
                 vloss = None
                 if val_latents is not None:
                     vloss = validation_loss(backbone, val_latents.to(weight_dtype), dev(v_text[0]).to(weight_dtype),
-                                            dev(v_text[1]), seed=cfg.seed, autocast=autocast)
+                                            dev(v_text[1]), seed=cfg.seed, autocast=autocast, trim_padding=trim)
         finally:
             backbone.transformer.train()
             if train_t5:
@@ -1223,7 +1223,7 @@ def _train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str 
                 first = position * per_step + (micro * world + rank) * cfg.batch_size
                 batch = make_batch(list(range(first, first + cfg.batch_size)), order, pixel, gen)
                 with autocast():
-                    loss, mlogs = hldf.hybrid_loss(step, backbone, batch, hcfg, generator=gen)
+                    loss, mlogs = hldf.hybrid_loss(step, backbone, batch, hcfg, generator=gen, trim_padding=trim)
                 bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
                 if world > 1:
                     bad = accelerator.reduce(bad, reduction="sum")

@@ -43,8 +43,8 @@ def test_cache_hits_rebuilds_stale_and_damaged_entries(ws, store):
 
     from medart_core.backbone import load_backbone
     from medart_core.cache import FeatureCache
-    from medart_core.hldf import encode_prompts
-    from medart_core.sampling import tokenize_prompts
+    from medart_core.pixart import encode_prompts
+    from medart_core.pixart import tokenize_prompts
     from medart_core.train import load_pixels
 
     ids = make_dataset(ws, store, n=5)

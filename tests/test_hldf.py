@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medart_core import hldf as H
+from medart_core import pixart as P
 from medart_core import sampling as S
 from medart_core.errors import ConfigError
 
@@ -112,7 +113,7 @@ def test_latent_loss_matches_ddpm_add_noise():
     from diffusers import DDPMScheduler
 
     b = _fresh(trainable_t5=False)
-    emb, mask = S.encode_text(b, PROMPTS)
+    emb, mask = P.encode_text(b, PROMPTS)
     lat = torch.randn(2, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(1))
     loss = H.latent_loss(b.transformer, lat, emb, mask, generator=torch.Generator().manual_seed(5),
                          scheduler_config=b.scheduler.config)
@@ -134,11 +135,11 @@ def test_latent_loss_matches_ddpm_add_noise():
 
 def test_encode_prompts_builds_graph_only_when_t5_trainable():
     b = _fresh(trainable_t5=False)
-    ids, mask = S.tokenize_prompts(b.tokenizer, PROMPTS)
-    emb, _ = H.encode_prompts(b, ids, mask)
+    ids, mask = P.tokenize_prompts(b.tokenizer, PROMPTS)
+    emb, _ = P.encode_prompts(b, ids, mask)
     assert not emb.requires_grad
     b.text_encoder.requires_grad_(True)
-    emb, _ = H.encode_prompts(b, ids, mask)
+    emb, _ = P.encode_prompts(b, ids, mask)
     assert emb.requires_grad
 
 
@@ -147,7 +148,7 @@ def test_encode_prompts_builds_graph_only_when_t5_trainable():
 
 def _pixel_grads(b, cfg, ids, mask, real, noise):
     _zero(b)
-    emb, m = H.encode_prompts(b, ids, mask)
+    emb, m = P.encode_prompts(b, ids, mask)
     loss = H.pixel_loss(b, emb, m, real, cfg, generator=None, noise=noise)
     loss.backward()
     return loss.detach(), _grads(b)
@@ -156,7 +157,7 @@ def _pixel_grads(b, cfg, ids, mask, real, noise):
 def test_checkpointed_gradients_equal_plain_autograd():
     """Full path through all M steps, the VAE decoder and T5: checkpointing changes memory, not gradients."""
     b = _fresh()
-    ids, mask = S.tokenize_prompts(b.tokenizer, PROMPTS)
+    ids, mask = P.tokenize_prompts(b.tokenizer, PROMPTS)
     real = _real(b)
     noise = torch.randn(2, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(0))
     l_plain, g_plain = _pixel_grads(b, H.HLDFConfig(sample_steps=3, checkpointing=False), ids, mask, real, noise)
@@ -170,7 +171,7 @@ def test_checkpointed_gradients_equal_plain_autograd():
 
 def test_truncated_path_k_equals_m_is_full_and_k_less_is_not():
     b = _fresh()
-    ids, mask = S.tokenize_prompts(b.tokenizer, PROMPTS[:1])
+    ids, mask = P.tokenize_prompts(b.tokenizer, PROMPTS[:1])
     real = _real(b, 1)
     noise = torch.randn(1, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(2))
     _, g_full = _pixel_grads(b, H.HLDFConfig(sample_steps=4), ids, mask, real, noise)
@@ -185,8 +186,8 @@ def test_truncated_path_k_equals_m_is_full_and_k_less_is_not():
 def test_pixel_loss_batch_of_two_is_mean_of_two_single_losses():
     b = _fresh(trainable_t5=False)
     cfg = H.HLDFConfig(sample_steps=3, checkpointing=False)
-    ids, mask = S.tokenize_prompts(b.tokenizer, PROMPTS)
-    emb, m = H.encode_prompts(b, ids, mask)
+    ids, mask = P.tokenize_prompts(b.tokenizer, PROMPTS)
+    emb, m = P.encode_prompts(b, ids, mask)
     real = _real(b)
     noise = torch.randn(2, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -203,12 +204,12 @@ def test_pixel_loss_generates_what_the_sampler_generates():
     """The loss's image is the sampler's image (same noise): no hidden second code path."""
     b = _fresh(trainable_t5=False)
     cfg = H.HLDFConfig(sample_steps=3)
-    emb, m = S.encode_text(b, PROMPTS[:1])
+    emb, m = P.encode_text(b, PROMPTS[:1])
     noise = torch.randn(1, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         img = H.generate_for_loss(b, emb, m, cfg, generator=None, noise=noise)
-        lat = S.sample_pixart(b, emb, m, steps=3, guidance=4.5, latents=noise)
-        ref = S.decode(b.vae, lat)
+        lat = P.sample_latents(b, emb, m, steps=3, guidance=4.5, latents=noise)
+        ref = P.decode(b.vae, lat)
     torch.testing.assert_close(img, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -217,7 +218,7 @@ def test_pixel_loss_generates_what_the_sampler_generates():
 
 def test_hybrid_loss_adds_weighted_colour_term_on_pixel_steps():
     b = _fresh(trainable_t5=True)
-    ids, mask = S.tokenize_prompts(b.tokenizer, PROMPTS)
+    ids, mask = P.tokenize_prompts(b.tokenizer, PROMPTS)
     real = _real(b)
     batch = {"pixel_values": real, "input_ids": ids, "attention_mask": mask}
     cfg = H.HLDFConfig(pixel_every=2, sample_steps=3)
@@ -234,7 +235,7 @@ def test_hybrid_loss_adds_weighted_colour_term_on_pixel_steps():
 
     # cached latents + embeddings give the same latent loss as encoding in the step
     with torch.no_grad():
-        emb, m = H.encode_prompts(b, ids, mask)
+        emb, m = P.encode_prompts(b, ids, mask)
     cached = {"latents": torch.randn(2, 4, b.latent_size, b.latent_size), "prompt_embeds": emb, "prompt_mask": m}
     _, logs_c = H.hybrid_loss(0, b, cached, cfg, generator=torch.Generator().manual_seed(0))
     assert math.isfinite(logs_c["loss_latent"])

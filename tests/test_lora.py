@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medart_core import lora as L
+from medart_core import pixart as P
 from medart_core import sampling as S
 from medart_core.errors import ConfigError
 
@@ -38,7 +39,7 @@ def _dit_out(transformer, seed=0):
 
 
 def _t5_out(b, te=None):
-    ids, mask = S.tokenize_prompts(b.tokenizer, [PROMPT])
+    ids, mask = P.tokenize_prompts(b.tokenizer, [PROMPT])
     with torch.no_grad():
         return (te or b.text_encoder)(input_ids=ids, attention_mask=mask)[0]
 

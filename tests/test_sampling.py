@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medart_core import pixart as P
 from medart_core import sampling as S
 from medart_core.errors import ConfigError
 
@@ -52,12 +53,12 @@ def test_matches_stock_pipeline_20_steps(bb):
     ref_lat = pipe(PROMPTS, generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images
     ref_img = pipe(PROMPTS, generator=torch.Generator().manual_seed(7), output_type="pt", **kw).images
 
-    emb, mask = S.encode_text(bb, PROMPTS)
-    neg, nmask = S.encode_text(bb, ["", ""])
-    lat = S.sample_pixart(bb, emb, mask, neg, nmask, steps=20, guidance=4.5,
+    emb, mask = P.encode_text(bb, PROMPTS)
+    neg, nmask = P.encode_text(bb, ["", ""])
+    lat = P.sample_latents(bb, emb, mask, neg, nmask, steps=20, guidance=4.5,
                           generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        img = (S.decode(bb.vae, lat) / 2 + 0.5).clamp(0, 1)  # the pipeline's "pt" post-processing
+        img = (P.decode(bb.vae, lat) / 2 + 0.5).clamp(0, 1)  # the pipeline's "pt" post-processing
     assert lat.shape == ref_lat.shape == (2, 4, bb.latent_size, bb.latent_size)
     assert ref_img.std() > 0.01  # a non-degenerate image, or the comparison says nothing
     assert (lat - ref_lat).abs().max().item() <= 1e-4 * max(1.0, ref_lat.abs().max().item())
@@ -69,20 +70,20 @@ def test_negative_prompt_encoded_on_the_fly_matches_pipeline(bb):
     ref = pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=4.5, height=bb.resolution, width=bb.resolution,
                use_resolution_binning=False, clean_caption=False, output_type="latent",
                generator=torch.Generator().manual_seed(3)).images
-    emb, mask = S.encode_text(bb, PROMPTS[:1])
-    lat = S.sample_pixart(bb, emb, mask, steps=4, guidance=4.5, generator=torch.Generator().manual_seed(3))
+    emb, mask = P.encode_text(bb, PROMPTS[:1])
+    lat = P.sample_latents(bb, emb, mask, steps=4, guidance=4.5, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(lat, ref, rtol=0, atol=1e-4 * max(1.0, ref.abs().max().item()))
 
 
 def test_no_state_kept_between_calls(bb):
     before = (bb.scheduler.timesteps.clone(), getattr(bb.scheduler, "_step_index", None),
               dict(bb.scheduler.config))
-    emb, mask = S.encode_text(bb, PROMPTS)
-    neg, nmask = S.encode_text(bb, ["", ""])
-    a = S.sample_pixart(bb, emb, mask, neg, nmask, steps=3, generator=torch.Generator().manual_seed(1))
+    emb, mask = P.encode_text(bb, PROMPTS)
+    neg, nmask = P.encode_text(bb, ["", ""])
+    a = P.sample_latents(bb, emb, mask, neg, nmask, steps=3, generator=torch.Generator().manual_seed(1))
     # a different call in between must not leak into the next one
-    S.sample_pixart(bb, emb, mask, neg, nmask, steps=5, guidance=2.0, generator=torch.Generator().manual_seed(9))
-    b = S.sample_pixart(bb, emb, mask, neg, nmask, steps=3, generator=torch.Generator().manual_seed(1))
+    P.sample_latents(bb, emb, mask, neg, nmask, steps=5, guidance=2.0, generator=torch.Generator().manual_seed(9))
+    b = P.sample_latents(bb, emb, mask, neg, nmask, steps=3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert torch.equal(bb.scheduler.timesteps, before[0])
     assert getattr(bb.scheduler, "_step_index", None) == before[1]
@@ -95,11 +96,11 @@ def test_grad_modes(bb):
 
     b = load_backbone("tiny")
     b.transformer.requires_grad_(True)
-    emb, mask = S.encode_text(b, PROMPTS[:1])
-    neg, nmask = S.encode_text(b, [""])
+    emb, mask = P.encode_text(b, PROMPTS[:1])
+    neg, nmask = P.encode_text(b, [""])
     noise = torch.randn(1, 4, b.latent_size, b.latent_size, generator=torch.Generator().manual_seed(0))
 
-    out = S.sample_pixart(b, emb, mask, neg, nmask, steps=4, latents=noise, grad_mode="none")
+    out = P.sample_latents(b, emb, mask, neg, nmask, steps=4, latents=noise, grad_mode="none")
     assert not out.requires_grad
 
     def run(mode, k=2, ckpt=False):
@@ -108,7 +109,7 @@ def test_grad_modes(bb):
         calls = []
         h = b.transformer.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
         try:
-            lat = S.sample_pixart(b, emb, mask, neg, nmask, steps=4, latents=x, grad_mode=mode, truncated_k=k,
+            lat = P.sample_latents(b, emb, mask, neg, nmask, steps=4, latents=x, grad_mode=mode, truncated_k=k,
                                   checkpoint=ckpt)
         finally:
             h.remove()
@@ -131,20 +132,20 @@ def test_grad_modes(bb):
 
 
 def test_guidance_one_uses_conditional_branch_only(bb):
-    emb, mask = S.encode_text(bb, PROMPTS[:1])
+    emb, mask = P.encode_text(bb, PROMPTS[:1])
     seen = []
     h = bb.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0]), with_kwargs=True)
     try:
-        S.sample_pixart(bb, emb, mask, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+        P.sample_latents(bb, emb, mask, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
     finally:
         h.remove()
     assert seen == [1, 1]
 
 
 def test_tokenize_prompts_pads_to_120_and_lowercases(bb):
-    ids, mask = S.tokenize_prompts(bb.tokenizer, ["  A CT Image  ", ""])
+    ids, mask = P.tokenize_prompts(bb.tokenizer, ["  A CT Image  ", ""])
     assert ids.shape == mask.shape == (2, 120)
-    ids2, _ = S.tokenize_prompts(bb.tokenizer, ["a ct image"])
+    ids2, _ = P.tokenize_prompts(bb.tokenizer, ["a ct image"])
     assert torch.equal(ids[0], ids2[0])
     assert mask[1].sum() == 1  # "" is just </s>
 
@@ -162,7 +163,7 @@ def test_decode_checkpointing_recomputes_blocks_with_equal_gradients(bb):
         calls.clear()
         b.vae.zero_grad(set_to_none=True)
         x = z.clone().requires_grad_(True)
-        S.decode(b.vae, x, checkpoint=ckpt).square().mean().backward()
+        P.decode(b.vae, x, checkpoint=ckpt).square().mean().backward()
         return x.grad, torch.cat([p.grad.flatten() for p in b.vae.decoder.parameters()]), len(calls)
 
     try:
@@ -182,7 +183,7 @@ def test_trimming_text_padding_changes_nothing_but_the_cost():
     import torch
 
     from medart_core.backbone import load_backbone
-    from medart_core.sampling import pixart_denoiser, run_text_encoder, tokenize_prompts, trim_text_padding
+    from medart_core.pixart import guided_denoiser, run_text_encoder, tokenize_prompts, trim_text_padding
 
     bb = load_backbone("tiny")
     ids, mask = tokenize_prompts(bb.tokenizer, ["a ct image of the head", "an endoscopic image of polyps, red"])
@@ -200,7 +201,7 @@ def test_trimming_text_padding_changes_nothing_but_the_cost():
         t = torch.tensor(600)
         neg_ids, neg_mask = tokenize_prompts(bb.tokenizer, ["", ""])
         neg = bb.text_encoder(neg_ids, attention_mask=neg_mask)[0]
-        eps = pixart_denoiser(bb.transformer, full, mask, neg, neg_mask, guidance=4.5)(x, t)
+        eps = guided_denoiser(bb.transformer, full, mask, neg, neg_mask, guidance=4.5)(x, t)
         xin, tt = torch.cat([x, x]), t.reshape(1).expand(4)
         out = bb.transformer(xin, encoder_hidden_states=torch.cat([neg, full]),
                              encoder_attention_mask=torch.cat([neg_mask, mask]), timestep=tt,
@@ -215,11 +216,22 @@ def test_trimming_text_padding_changes_nothing_but_the_cost():
 def test_text_padding_trimming_can_be_switched_off():
     import torch
 
-    from medart_core.sampling import text_padding_trimming, trim_text_padding
+    from medart_core.backbone import load_backbone
+    from medart_core.pixart import run_text_encoder, tokenize_prompts, trim_text_padding
 
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
     emb = torch.randn(2, 4, 3)
     assert trim_text_padding(emb, mask)[0].shape[1] == 2
-    with text_padding_trimming(False):
-        assert trim_text_padding(emb, mask)[0].shape[1] == 4
-    assert trim_text_padding(emb, mask)[0].shape[1] == 2
+
+    # The switch is an argument: with trim_padding=False T5 computes all 120 positions (the reference).
+    bb = load_backbone("tiny")
+    ids, tmask = tokenize_prompts(bb.tokenizer, ["a ct image of the head"])
+    calls = []
+    hook = bb.text_encoder.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_text_encoder(bb.text_encoder, ids, tmask, trim_padding=False)
+            run_text_encoder(bb.text_encoder, ids, tmask, trim_padding=True)
+    finally:
+        hook.remove()
+    assert calls[0] == 120 and calls[1] == int(tmask.sum()) < 120

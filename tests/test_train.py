@@ -221,11 +221,11 @@ def test_nan_loss_stops_with_diverged_error_and_keeps_last_checkpoint(ws, store,
 def test_flat_validation_image_stops_the_run(ws, store, monkeypatch):
     import torch
 
-    from medart_core import sampling
+    from medart_core import pixart
     from medart_core.train import train
 
     make_dataset(ws, store, n=6)
-    monkeypatch.setattr(sampling, "decode", lambda vae, lat, **kw: torch.zeros(lat.shape[0], 3, 32, 32))
+    monkeypatch.setattr(pixart, "decode", lambda vae, lat, **kw: torch.zeros(lat.shape[0], 3, 32, 32))
     with pytest.raises(TrainingDivergedError, match="flat colour"):
         train(small_config(max_steps=3, validate_every=2), ws, store, run_name="flat")
 
