@@ -462,8 +462,8 @@ class Check:
 
     # -- pixel steps --
     def pixel_ours(self, grad_path: str) -> dict[str, Any]:
-        from medart_core.hldf import HLDFConfig, encode_prompts, pixel_loss
-        from medart_core.pixart import tokenize_prompts
+        from medart_core.hldf import HLDFConfig, pixel_loss
+        from medart_core.pixart import encode_prompts, tokenize_prompts
 
         self._maybe_oom(grad_path)
         cfg = HLDFConfig(sample_steps=self.args.steps, guidance=GUIDANCE, grad_path=grad_path,

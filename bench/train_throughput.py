@@ -43,7 +43,7 @@ def config(steps: int, cached: bool, sample_steps: int):
 
 
 def summarize(ws, run: str) -> dict:
-    from medart_core.train import read_metrics
+    from medart_core.checkpoint import read_metrics
 
     rows = [r for r in read_metrics(ws, run) if "loss_latent" in r]
     step_s = [1.0 / r["images_per_s"] for r in rows]            # batch 1: seconds per step

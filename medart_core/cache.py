@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .constants import MAX_TOKENS
 from .errors import StaleCacheError
 from .fileio import fsync_file
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CACHE_FORMAT = 1
-MAX_TOKENS = 120
 SHARD_ENTRIES = 256
 _FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "prompt_mask")
 
@@ -58,7 +58,7 @@ class CacheItem:
 
 
 def cache_item(example: Any) -> CacheItem:
-    """A CacheItem from a train.Example (anything with path, pixel_hash, caption_version, text)."""
+    """A CacheItem from an examples.Example (anything with path, pixel_hash, caption_version, text)."""
     return CacheItem(Path(example.path), str(example.pixel_hash), str(example.caption_version), str(example.text))
 
 
@@ -165,7 +165,7 @@ class FeatureCache:
         import torch
 
         from .pixart import encode_prompts, tokenize_prompts
-        from .train import load_pixels
+        from .examples import load_pixels
 
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
         vae = backbone.vae

@@ -6,7 +6,8 @@ Layout under ``MEDART_HOME`` (default ``./workspace``)::
     datasets/<name>/images/    normalised RGB PNGs, named by pixel hash
     datasets/<name>/manifest.jsonl
     datasets/<name>/prompts.json   per-dataset prompt templates (captions)
-    runs/<run>/                training runs (config, metrics.jsonl, checkpoints/, validation/)
+    runs/<run>/                training runs: see ``RunLayout`` (config, metrics, status, checkpoints, grids)
+    jobs.sqlite, jobs/<id>/    job ledger and each job's log
     cache/                     feature caches (T5 embeddings, VAE latents), real-image features
     samples/                   generated images with JSON sidecars
     exports/                   caption exports, merged models
@@ -33,6 +34,51 @@ def validate_name(name: str, what: str = "name") -> str:
             f"Invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit."
         )
     return name
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path inside one training run folder ``runs/<run>/``."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:          # TrainConfig as JSON, written once when the run starts
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:         # one fsynced JSON line per optimiser step / validation
+        return self.root / "metrics.jsonl"
+
+    @property
+    def status(self) -> Path:          # {"status", "step", "total_steps", "error", ...}, rewritten atomically
+        return self.root / "status.json"
+
+    @property
+    def validation_dir(self) -> Path:  # validation grids step_XXXXXX.png
+        return self.root / "validation"
+
+    def validation_grid(self, step: int) -> Path:
+        return self.validation_dir / f"step_{int(step):06d}.png"
+
+    @property
+    def checkpoints_dir(self) -> Path:  # step_XXXXXX/ folders and the ``latest`` pointer
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{int(step):06d}"
+
+    @property
+    def latest_pointer(self) -> Path:
+        return self.checkpoints_dir / "latest"
+
+    @property
+    def export_dir(self) -> Path:      # adapters/ and merged/ exported at the end of a run
+        return self.root / "export"
 
 
 @dataclass(frozen=True)
@@ -102,6 +148,17 @@ class Workspace:
     # --- runs ------------------------------------------------------------------------------
     def run_dir(self, run: str) -> Path:
         return self.runs_dir / validate_name(run, "run name")
+
+    def run_layout(self, run: str) -> RunLayout:
+        return RunLayout(self.run_dir(run))
+
+    # --- jobs and generated images -------------------------------------------------------------
+    @property
+    def jobs_db(self) -> Path:
+        return self.root / "jobs.sqlite"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / validate_name(job_id, "job id")
 
     def feature_cache_dir(self, key: str) -> Path:
         return self.cache_dir / "features" / validate_name(key, "cache key")

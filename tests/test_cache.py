@@ -32,7 +32,7 @@ def _one_thread():
 
 def _items(ws, store, cfg):
     from medart_core.cache import cache_item
-    from medart_core.train import collect_examples
+    from medart_core.examples import collect_examples
 
     pool, _ = collect_examples(ws, store, cfg)
     return [cache_item(e) for e in pool]
@@ -45,7 +45,7 @@ def test_cache_hits_rebuilds_stale_and_damaged_entries(ws, store):
     from medart_core.cache import FeatureCache
     from medart_core.pixart import encode_prompts
     from medart_core.pixart import tokenize_prompts
-    from medart_core.train import load_pixels
+    from medart_core.examples import load_pixels
 
     ids = make_dataset(ws, store, n=5)
     cfg = cached_config()

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from medart_core.captions import CaptionStore
-from medart_core.train import TrainConfig, adapter_tensors, train
+from medart_core.checkpoint import adapter_tensors
+from medart_core.train import TrainConfig, train
 from medart_core.workspace import Workspace
 
 ws_root, cfg_path, out = sys.argv[1:4]
@@ -44,7 +45,8 @@ def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from medart_core.train import TrainConfig, read_checkpoint
+    from medart_core.checkpoint import read_checkpoint
+    from medart_core.train import TrainConfig
 
     make_dataset(ws, store, n=7)
     cfg = TrainConfig.from_dict(dict(

@@ -54,19 +54,22 @@ def test_config_round_trip_presets_and_validation():
     for name in ("paper", "small-gpu", "cpu-smoke"):
         cfg = TrainConfig.from_preset(name)
         assert TrainConfig.from_json(cfg.to_json()) == cfg
-        cfg.lora_config(), cfg.hldf_config()   # the nested dicts are valid LoRA/HLDF configs
+        from medart_core.hldf import HLDFConfig
+        from medart_core.lora import LoRAConfig
+
+        assert isinstance(cfg.lora, LoRAConfig) and isinstance(cfg.hldf, HLDFConfig)  # typed sections
     paper = TrainConfig.from_preset("paper")
-    h, lo = paper.hldf_config(), paper.lora_config()
+    h, lo = paper.hldf, paper.lora
     assert (paper.backbone, paper.resolution, paper.lr, paper.batch_size, paper.epochs, paper.seed) == \
         ("PixArt-alpha/PixArt-XL-2-512x512", 512, 1e-4, 1, 15, 42)
     assert (h.pixel_every, h.sample_steps, h.guidance, h.grad_path) == (500, 20, 4.5, "full")
     assert (lo.rank, lo.t5_enabled) == (8, True)
     small = TrainConfig.from_preset("small-gpu")
-    assert small.cache_features and not small.lora_config().t5_enabled
-    assert small.hldf_config().grad_path == "truncated"
+    assert small.cache_features and not small.lora.t5_enabled
+    assert small.hldf.grad_path == "truncated"
     smoke = TrainConfig.from_preset("cpu-smoke")
     assert (smoke.backbone, smoke.resolution) == ("tiny", 64) and smoke.max_steps <= 60
-    assert smoke.hldf_config().pixel_every <= 10
+    assert smoke.hldf.pixel_every <= 10
     with pytest.raises(ConfigError, match="Unknown training config keys"):
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ConfigError, match="mixed_precision"):
@@ -77,7 +80,8 @@ def test_config_round_trip_presets_and_validation():
 
 # ---- data ---------------------------------------------------------------------------------------------
 def test_approved_by_default_latest_on_request_and_overlong_counted(ws, store):
-    from medart_core.train import collect_examples, train
+    from medart_core.examples import collect_examples
+    from medart_core.train import train
 
     ids = make_dataset(ws, store, n=6)
     with pytest.raises(ConfigError, match="--captions latest"):
@@ -107,7 +111,7 @@ def test_approved_by_default_latest_on_request_and_overlong_counted(ws, store):
 
 
 def test_exported_imagefolder_as_caption_source(ws, store, tmp_path):
-    from medart_core.train import collect_examples
+    from medart_core.examples import collect_examples
 
     ids = make_dataset(ws, store, n=6)
     for i in ids[:5]:
@@ -123,7 +127,7 @@ def test_exported_imagefolder_as_caption_source(ws, store, tmp_path):
 def test_preprocessing_shorter_side_seeded_random_crop_range(tmp_path):
     import torch
 
-    from medart_core.train import epoch_order, load_pixels
+    from medart_core.examples import epoch_order, load_pixels
 
     arr = np.zeros((40, 100, 3), np.uint8)
     arr[:, :, 0] = np.linspace(0, 255, 100, dtype=np.uint8)[None, :]
@@ -179,7 +183,8 @@ def test_cpu_smoke_preset_through_cli_on_sample_dataset(ws, store, tmp_path):
 
 
 def test_validation_grid_labels_random_backbone():
-    from medart_core.train import RANDOM_LABEL, render_grid
+    from medart_core.constants import RANDOM_LABEL
+    from medart_core.validation import render_grid
 
     tile = Image.new("RGB", (32, 32), (10, 200, 30))
     labelled = render_grid([[tile]], title="t", row_labels=["p"], is_random=True)
@@ -195,13 +200,14 @@ def test_nan_loss_stops_with_diverged_error_and_keeps_last_checkpoint(ws, store,
     import torch
 
     from medart_core import hldf
-    from medart_core.train import latest_checkpoint, read_checkpoint, train
+    from medart_core.checkpoint import latest_checkpoint, read_checkpoint
+    from medart_core.train import train
 
     make_dataset(ws, store, n=6)
     real = hldf.hybrid_loss
 
-    def nan_at_3(step, backbone, batch, cfg, *, generator):
-        loss, logs = real(step, backbone, batch, cfg, generator=generator)
+    def nan_at_3(step, backbone, batch, cfg, **kw):
+        loss, logs = real(step, backbone, batch, cfg, **kw)
         return (loss * float("nan"), logs) if step == 3 else (loss, logs)
 
     monkeypatch.setattr(hldf, "hybrid_loss", nan_at_3)
@@ -234,12 +240,8 @@ def test_flat_validation_image_stops_the_run(ws, store, monkeypatch):
 def test_crash_mid_checkpoint_write_leaves_previous_checkpoint_valid(ws, store, monkeypatch):
     import safetensors.torch as st
 
-    from medart_core.train import (
-        latest_checkpoint,
-        list_checkpoints,
-        read_checkpoint,
-        train,
-    )
+    from medart_core.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+    from medart_core.train import train
 
     make_dataset(ws, store, n=6)
     res = train(small_config(max_steps=2, checkpoint_every=2), ws, store, run_name="crash")
@@ -296,7 +298,8 @@ def test_resume_refuses_a_changed_config(ws, store):
 
 # ---- callbacks ------------------------------------------------------------------------------------------
 def test_callbacks_follow_and_stop_the_run(ws, store):
-    from medart_core.train import TrainCallbacks, latest_checkpoint, train
+    from medart_core.checkpoint import latest_checkpoint
+    from medart_core.train import TrainCallbacks, train
 
     make_dataset(ws, store, n=6)
 
@@ -332,7 +335,8 @@ def test_exports_load_with_stock_diffusers_and_peft(ws, store, tmp_path):
     from peft import PeftModel
 
     from medart_core.backbone import load_backbone
-    from medart_core.train import export_model, train
+    from medart_core.export import export_model
+    from medart_core.train import train
 
     make_dataset(ws, store, n=6)
     res = train(small_config(max_steps=2, lr=1e-2), ws, store, run_name="exp")
