@@ -43,3 +43,11 @@ class TrainingDivergedError(MedArtError):
 
 class StaleCacheError(MedArtError):
     """A feature cache is incomplete or does not match the data/backbone; rebuild it before training."""
+
+
+class UnsafeFileError(MedArtError):
+    """A weights file would need arbitrary code to load (a pickle that is not a plain tensor dict)."""
+
+
+class ProfileMismatchError(MedArtError):
+    """Two metric results were measured under different protocols and must not be compared or ranked."""

@@ -1,0 +1,496 @@
+"""Evaluation you can trust across checkpoints: the protocol (``MetricProfile``) recorded with every number,
+real features cached, evaluation images seed-matched across checkpoints, and results that refuse to be
+compared when they were measured differently.
+
+The flow of ``evaluate()``: ``build_eval_set`` (per class, real images and their approved captions, one
+fixed seed per prompt) → real features (cached by dataset, split, classes, pixel hashes, extractor and
+preprocessing) → for each checkpoint the evaluation images (generated once per (checkpoint, prompt, seed,
+sampler) and reused) → their features → ``metrics`` (FID/FD, KID, PRDC, overall and per class, bootstrap
+interval) → a result JSON under ``W/evaluations/``. Downstream utility (a classifier trained on real,
+synthetic or both, tested on real) and a memorisation check complete the paper's measures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from . import metrics as M
+from .errors import ConfigError, NotFoundError, ProfileMismatchError
+from .extractors import PREPARATION, Extractor, images_to_uint8
+from .fileio import atomic_write_text
+from .seeds import derive_seed
+from .workspace import Workspace, validate_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+EVAL_FORMAT = 1
+# Fields of a profile that may differ between results that are still compared: they name what is compared.
+PER_RESULT = ("checkpoint", "checkpoint_sha256", "created_at")
+
+
+# =========================================================================================================
+# What is measured: the evaluation set and the protocol
+# =========================================================================================================
+@dataclass(frozen=True)
+class EvalItem:
+    key: str            # "img-<id>"
+    label: str
+    path: Path
+    pixel_hash: str
+    prompt: str         # the image's caption: its generated twin is drawn from this prompt
+    seed: int           # fixed per prompt: every checkpoint draws the same noise for it
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate and how; everything here ends up in the MetricProfile."""
+
+    dataset: str = "sample"
+    classes: list[str] | None = None        # None: every class
+    per_class: int = 16                     # real images per class (all if fewer)
+    captions: str = "approved"              # "approved" | "latest" (prompts for the generated twins)
+    extractor: str = "domain"               # inception | dinov2 | domain | custom
+    extractor_weights: str | None = None    # inception weights file, DINOv2 Hub id or folder
+    size: int = 64                          # preparation size S (see extractors.PREPARATION)
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.5
+    negative_prompt: str = ""
+    adapter_strength: float = 1.0
+    kid_subsets: int = 100
+    n_boot: int = 50
+    prdc_k: int = 5
+    min_samples: int = 50
+
+
+@dataclass
+class EvalSet:
+    dataset: str
+    items: list[EvalItem]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({it.label for it in self.items})
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.key}\t{it.label}\t{it.pixel_hash}\t{it.seed}\t{it.prompt}\n".encode())
+        return h.hexdigest()
+
+
+def build_eval_set(ws: Workspace, store: Any, spec: EvalSpec) -> EvalSet:
+    """Per class, up to ``per_class`` real images with a caption (seeded choice), each with a fixed seed."""
+    import torch
+
+    validate_name(spec.dataset, "dataset name")
+    status = "approved" if spec.captions == "approved" else None
+    states = {s.image_id: s for s in store.states(spec.dataset, status=status) if s.text and s.text.strip()}
+    if not states:
+        raise ConfigError(f"Dataset {spec.dataset!r} has no {'approved ' if status else ''}captions to prompt the "
+                          "evaluation images with; approve captions first or use captions='latest'.")
+    by_class: dict[str, list[Any]] = {}
+    for rec in store.list_images(spec.dataset):
+        if rec.id in states and (spec.classes is None or rec.label in spec.classes):
+            by_class.setdefault(rec.label, []).append(rec)
+    if spec.classes:
+        missing = sorted(set(spec.classes) - set(by_class))
+        if missing:
+            raise NotFoundError(f"No captioned images of class(es) {missing} in {spec.dataset!r}.")
+    items = []
+    for label in sorted(by_class):
+        recs = sorted(by_class[label], key=lambda r: r.id)
+        order = torch.randperm(len(recs), generator=torch.Generator().manual_seed(
+            derive_seed(spec.seed, "eval-set", label))).tolist()
+        for i in sorted(order[: spec.per_class]):
+            r = recs[i]
+            items.append(EvalItem(key=f"img-{r.id}", label=label, path=ws.image_path(spec.dataset, r.file_name),
+                                  pixel_hash=r.pixel_hash, prompt=states[r.id].text,
+                                  seed=derive_seed(spec.seed, "eval-seed", r.pixel_hash, bits=31)))
+    return EvalSet(dataset=spec.dataset, items=items)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "torchmetrics", "torch-fidelity", "transformers", "diffusers", "pillow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def make_profile(spec: EvalSpec, eval_set: EvalSet, extractor: Extractor, *, checkpoint: str,
+                 checkpoint_sha256: str, backbone: str, sampler: str = "DPM-Solver++(2M)") -> dict[str, Any]:
+    """The full protocol of one result. Two results are comparable when they agree on everything except
+    PER_RESULT fields."""
+    return {
+        **extractor.describe(),
+        "preparation": PREPARATION, "size": spec.size, "image_format": "png",
+        "n_real": len(eval_set.items), "n_generated": len(eval_set.items),
+        "dataset": eval_set.dataset, "real_split": f"per class up to {spec.per_class} (seed {spec.seed})",
+        "classes": eval_set.classes, "eval_set_sha256": eval_set.digest(), "captions": spec.captions,
+        "prompt_set": "each real image's caption", "seeds": f"derive_seed({spec.seed}, 'eval-seed', pixel hash)",
+        "sampler": sampler, "steps": spec.steps, "guidance": spec.guidance, "negative_prompt": spec.negative_prompt,
+        "adapter_strength": spec.adapter_strength, "backbone": backbone,
+        "kid": {"subsets": spec.kid_subsets, "subset_size": "min(1000, N)", "kernel": "(x.y/d + 1)^3"},
+        "prdc_k": spec.prdc_k, "bootstrap": spec.n_boot, "packages": package_versions(),
+        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def profile_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Why two profiles may not be compared (empty when they may). Package versions count: a new torch can
+    move the numbers."""
+    keys = sorted((set(a) | set(b)) - set(PER_RESULT))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def require_comparable(profiles: Sequence[dict[str, Any]]) -> None:
+    for p in profiles[1:]:
+        diff = profile_mismatch(profiles[0], p)
+        if diff:
+            raise ProfileMismatchError(
+                f"{p.get('checkpoint')} was measured differently from {profiles[0].get('checkpoint')} "
+                f"({'; '.join(diff[:3])}{'; …' if len(diff) > 3 else ''}); re-evaluate both with one profile.")
+
+
+# =========================================================================================================
+# Features, with the real-feature cache
+# =========================================================================================================
+def load_images(paths: Sequence[Path]) -> list[Any]:
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def real_feature_key(eval_set: EvalSet, extractor: Extractor, size: int) -> str:
+    h = hashlib.sha256(json.dumps({
+        "dataset": eval_set.dataset, "items": [[it.key, it.label, it.pixel_hash] for it in eval_set.items],
+        "extractor": extractor.describe(), "preparation": PREPARATION, "size": size, "format": EVAL_FORMAT,
+    }, sort_keys=True).encode())
+    return h.hexdigest()[:40]
+
+
+def real_features(ws: Workspace, eval_set: EvalSet, extractor: Extractor, size: int) -> "torch.Tensor":
+    """Features of the real images, computed once per (dataset, images, extractor, preparation)."""
+    from safetensors.torch import load_file, save_file
+
+    path = ws.cache_dir / "real-features" / f"{real_feature_key(eval_set, extractor, size)}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["features"]
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    feats = extractor.features(images_to_uint8(load_images([it.path for it in eval_set.items]), size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"features": feats.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return feats
+
+
+# =========================================================================================================
+# Metrics of one feature pair, overall and per class
+# =========================================================================================================
+def score(real: "torch.Tensor", fake: "torch.Tensor", labels: Sequence[str], spec: EvalSpec) -> dict[str, Any]:
+    """FID/FD with a bootstrap interval, KID mean ± std, PRDC; overall and per class (where a class has the
+    samples a metric needs); with sample-size warnings."""
+    import torch
+
+    def one(r: "torch.Tensor", f: "torch.Tensor", boot: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": int(r.shape[0])}
+        if r.shape[0] < 2:
+            out["skipped"] = "fewer than 2 images"
+            return out
+        out["fd"] = M.frechet_distance(r, f)
+        if boot:
+            out["fd_ci"] = list(M.bootstrap_ci(r, f, M.frechet_distance, n_boot=boot, seed=spec.seed))
+        kid = M.kernel_inception_distance(r, f, n_subsets=spec.kid_subsets, seed=spec.seed)
+        out["kid"], out["kid_std"], out["kid_subset_size"] = kid.mean, kid.std, kid.subset_size
+        if r.shape[0] > spec.prdc_k:
+            out.update(M.prdc(r, f, k=spec.prdc_k))
+        return out
+
+    overall = one(real, fake, spec.n_boot)
+    overall["warnings"] = M.sample_size_warnings(real.shape[0], fake.shape[0], real.shape[1],
+                                                 minimum=spec.min_samples)
+    per_class = {}
+    lab = list(labels)
+    for c in sorted(set(lab)):
+        idx = torch.tensor([i for i, x in enumerate(lab) if x == c])
+        per_class[c] = one(real[idx], fake[idx], 0)
+    return {"overall": overall, "per_class": per_class}
+
+
+# =========================================================================================================
+# The domain classifier (features for the domain FD; also the downstream-utility classifier)
+# =========================================================================================================
+def _small_cnn(n_classes: int) -> Any:
+    import torch.nn as nn
+
+    def block(i: int, o: int) -> list[Any]:
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
+
+    features = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.Conv2d(64, 64, 3, padding=1),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(features, nn.Linear(64, n_classes))
+
+
+def train_classifier(images: "torch.Tensor", labels: Sequence[int], n_classes: int, *, seed: int = 0,
+                     epochs: int = 30, batch_size: int = 32, lr: float = 3e-3) -> Any:
+    """A small CNN on uint8 [N,3,S,S] images (flips as augmentation), trained deterministically from ``seed``."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        net = _small_cnn(n_classes)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        x = images.float() / 255.0
+        y = torch.as_tensor(list(labels), dtype=torch.int64)
+        gen = torch.Generator().manual_seed(seed)
+        net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(x.shape[0], generator=gen)
+            for i in range(0, x.shape[0], batch_size):
+                b = perm[i:i + batch_size]
+                xb = x[b]
+                flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+                loss = torch.nn.functional.cross_entropy(net(xb), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        net.eval()
+    finally:
+        torch.random.set_rng_state(state)
+    return net
+
+
+def domain_extractor(ws: Workspace, store: Any, dataset: str, *, size: int = 64, seed: int = 0,
+                     epochs: int = 30) -> Extractor:
+    """The penultimate features of a classifier trained on the dataset's labelled real images (cached in the
+    workspace by the images' pixel hashes, labels, size, seed and epochs)."""
+    from safetensors.torch import load_file, save_file
+
+    from .extractors import ModuleExtractor
+
+    recs = sorted(store.list_images(dataset), key=lambda r: r.id)
+    classes = sorted({r.label for r in recs})
+    if len(classes) < 2:
+        raise ConfigError(f"The domain extractor needs a dataset with at least 2 labelled classes; {dataset!r} "
+                          f"has {classes}. Use --extractor inception or dinov2.")
+    key = hashlib.sha256(json.dumps([[r.pixel_hash, r.label] for r in recs] + [size, seed, epochs, EVAL_FORMAT])
+                         .encode()).hexdigest()[:40]
+    path = ws.cache_dir / "domain-classifier" / f"{key}.safetensors"
+    net = _small_cnn(len(classes))
+    if path.is_file():
+        net.load_state_dict(load_file(str(path)))
+    else:
+        x = images_to_uint8(load_images([ws.image_path(dataset, r.file_name) for r in recs]), size)
+        net = train_classifier(x, [classes.index(r.label) for r in recs], len(classes), seed=seed, epochs=epochs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+    net.eval()
+    ex = ModuleExtractor(net[0], name="domain", layer="penultimate (64) of the domain classifier", dim=64)
+    ex.classifier, ex.classes = net, classes  # type: ignore[attr-defined]
+    return ex
+
+
+def make_extractor(ws: Workspace, store: Any, spec: EvalSpec, *, module: Any = None) -> Extractor:
+    from .extractors import Dinov2Extractor, InceptionExtractor, ModuleExtractor
+
+    if spec.extractor == "inception":
+        return InceptionExtractor(spec.extractor_weights)
+    if spec.extractor == "dinov2":
+        return Dinov2Extractor(spec.extractor_weights)
+    if spec.extractor == "domain":
+        return domain_extractor(ws, store, spec.dataset, size=spec.size, seed=spec.seed)
+    if spec.extractor == "custom":
+        if module is None:
+            raise ConfigError("extractor 'custom' needs a module (library use only).")
+        return ModuleExtractor(module, uint8_input=True)
+    raise ConfigError(f"extractor must be inception, dinov2, domain or custom, got {spec.extractor!r}.")
+
+
+# =========================================================================================================
+# Downstream utility and memorisation
+# =========================================================================================================
+def downstream_utility(real_train: "torch.Tensor", y_train: Sequence[int], synth: "torch.Tensor",
+                       y_synth: Sequence[int], real_test: "torch.Tensor", y_test: Sequence[int], n_classes: int,
+                       *, seed: int = 0, epochs: int = 30) -> dict[str, Any]:
+    """Accuracy and balanced accuracy on real test images of classifiers trained on real, synthetic and both
+    (uint8 image tensors), each with a 95 % Wilson interval on accuracy."""
+    import torch
+
+    out = {}
+    sets = {"real": (real_train, list(y_train)), "synthetic": (synth, list(y_synth)),
+            "real+synthetic": (torch.cat([real_train, synth]), list(y_train) + list(y_synth))}
+    yt = torch.as_tensor(list(y_test))
+    for name, (x, y) in sets.items():
+        net = train_classifier(x, y, n_classes, seed=seed, epochs=epochs)
+        with torch.no_grad():
+            pred = net(real_test.float() / 255.0).argmax(1)
+        correct = int((pred == yt).sum())
+        per_class = [float((pred[yt == c] == c).double().mean()) for c in range(n_classes) if (yt == c).any()]
+        out[name] = {"accuracy": correct / len(yt), "accuracy_ci": list(M.proportion_ci(correct, len(yt))),
+                     "balanced_accuracy": sum(per_class) / len(per_class), "n_train": len(y), "n_test": len(yt)}
+    return out
+
+
+def nearest_training_images(fake: "torch.Tensor", train: "torch.Tensor", *, threshold: float = 0.95
+                            ) -> dict[str, Any]:
+    """For each generated image the most similar training image (cosine similarity of features); images
+    above ``threshold`` are flagged as possible copies."""
+    import torch
+
+    f = torch.nn.functional.normalize(fake.double(), dim=1)
+    t = torch.nn.functional.normalize(train.double(), dim=1)
+    sim = f @ t.T
+    best, idx = sim.max(dim=1)
+    flagged = [i for i, s in enumerate(best.tolist()) if s >= threshold]
+    return {"similarity": best.tolist(), "nearest": idx.tolist(), "median": float(best.median()),
+            "flagged": flagged, "threshold": threshold}
+
+
+# =========================================================================================================
+# Evaluation of checkpoints
+# =========================================================================================================
+@dataclass
+class EvalResult:
+    id: str
+    profile: dict[str, Any]
+    metrics: dict[str, Any]
+    images: list[str] = field(default_factory=list)     # generated image paths, in eval-set order
+    memorisation: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# A function that returns, for one checkpoint, the PNG paths of images generated from (prompt, seed) pairs.
+ImageSource = Callable[[str, list[str], list[int]], list[Path]]
+
+
+def evaluate(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[str], *,
+             images_for: ImageSource, checkpoint_sha256: Callable[[str], str], backbone: str,
+             extractor: Extractor | None = None, memorisation: bool = True,
+             log: Callable[[str], None] | None = None) -> list[EvalResult]:
+    """Evaluate ``checkpoints`` ("base", "RUN", "RUN@STEP") under one profile; results saved and returned."""
+    say = log or (lambda m: None)
+    eval_set = build_eval_set(ws, store, spec)
+    t0 = time.perf_counter()
+    extractor = extractor or make_extractor(ws, store, spec)
+    t_ex = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    real = real_features(ws, eval_set, extractor, spec.size)
+    t_real = time.perf_counter() - t0
+    say(f"eval set: {len(eval_set.items)} real images in {len(eval_set.classes)} classes; extractor "
+        f"{extractor.name} ({extractor.dim}-d)")
+    prompts = [it.prompt for it in eval_set.items]
+    seeds = [it.seed for it in eval_set.items]
+    labels = [it.label for it in eval_set.items]
+    results = []
+    for ck in checkpoints:
+        t0 = time.perf_counter()
+        paths = images_for(ck, prompts, seeds)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fake = extractor.features(images_to_uint8(load_images(paths), spec.size))
+        t_fake = time.perf_counter() - t0
+        profile = make_profile(spec, eval_set, extractor, checkpoint=ck, checkpoint_sha256=checkpoint_sha256(ck),
+                               backbone=backbone)
+        mets = score(real, fake, labels, spec)
+        mem = nearest_training_images(fake, real) if memorisation else None
+        rid = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{hashlib.sha256((ck + profile['created_at'] + str(time.perf_counter())).encode()).hexdigest()[:8]}"
+        res = EvalResult(id=rid, profile=profile, metrics=mets, images=[str(p) for p in paths], memorisation=mem,
+                         timings={"extractor_setup_s": round(t_ex, 3), "real_features_s": round(t_real, 3),
+                                  "generation_s": round(t_gen, 3), "generated_features_s": round(t_fake, 3)})
+        save_result(ws, res)
+        say(f"{ck}: FD {mets['overall'].get('fd', float('nan')):.4g}  KID {mets['overall'].get('kid', float('nan')):.4g}")
+        results.append(res)
+        t_ex = t_real = 0.0
+    return results
+
+
+def evaluations_dir(ws: Workspace) -> Path:
+    return ws.root / "evaluations"
+
+
+def save_result(ws: Workspace, res: EvalResult) -> Path:
+    p = evaluations_dir(ws) / f"{validate_name(res.id, 'evaluation id')}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(res.to_dict(), indent=1, sort_keys=True))
+    return p
+
+
+def load_results(ws: Workspace) -> list[EvalResult]:
+    out = []
+    d = evaluations_dir(ws)
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out.append(EvalResult(**json.loads(p.read_text(encoding="utf-8"))))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return out
+
+
+# =========================================================================================================
+# Comparison table
+# =========================================================================================================
+LOWER_IS_BETTER = {"fd": True, "kid": True, "precision": False, "recall": False, "density": False,
+                   "coverage": False}
+
+
+def comparison_table(results: Sequence[EvalResult], reference: EvalResult | None = None) -> dict[str, Any]:
+    """Rows per result (newest per checkpoint); a result whose profile differs from the reference (the first
+    by default) is kept but greyed out with the reason and never ranked. The best per column is marked only
+    when it is outside every other comparable row's interval (FD: bootstrap CI; KID: ± std)."""
+    if not results:
+        return {"rows": [], "best": {}, "reference": None}
+    ref = reference or results[0]
+    rows = []
+    for r in results:
+        diff = profile_mismatch(ref.profile, r.profile)
+        o = r.metrics["overall"]
+        rows.append({"id": r.id, "checkpoint": r.profile["checkpoint"], "comparable": not diff,
+                     "reason": "; ".join(diff[:3]), **{k: o.get(k) for k in ("fd", "kid", "kid_std", "precision",
+                                                                          "recall", "density", "coverage")},
+                     "fd_ci": o.get("fd_ci"), "n": o.get("n"), "random_weights": r.profile.get("random_weights")})
+    best: dict[str, str] = {}
+    comp = [row for row in rows if row["comparable"]]
+    for col, lower in LOWER_IS_BETTER.items():
+        cand = [row for row in comp if isinstance(row.get(col), (int, float)) and math.isfinite(row[col])]
+        if len(cand) < 2:
+            continue
+        top = min(cand, key=lambda r: r[col]) if lower else max(cand, key=lambda r: r[col])
+
+        def interval(row: dict[str, Any]) -> tuple[float, float]:
+            if col == "fd" and row.get("fd_ci"):
+                return tuple(row["fd_ci"])  # type: ignore[return-value]
+            if col == "kid":
+                return row["kid"] - (row.get("kid_std") or 0.0), row["kid"] + (row.get("kid_std") or 0.0)
+            return row[col], row[col]
+        lo, hi = interval(top)
+        separated = all((interval(r)[0] > hi) if lower else (interval(r)[1] < lo) for r in cand if r is not top)
+        if separated:
+            best[col] = top["id"]
+    return {"rows": rows, "best": best, "reference": ref.id}

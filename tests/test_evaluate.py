@@ -1,0 +1,175 @@
+"""Evaluation: the real torchmetrics Inception path (random weights, labelled), DINOv2 from a tiny config, the
+domain classifier on the sample dataset, the real-feature cache, and refusing mismatched profiles.
+
+The "generated" images here are the real images with a known colour shift (or none), written as PNGs: the
+point is to test the measuring, not a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medart_core import evaluate as E
+from medart_core.errors import ProfileMismatchError
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from medart_core.captions import CaptionStore
+    from medart_core.data import build_sample_dataset
+    from medart_core.workspace import Workspace
+
+    ws = Workspace.open(tmp_path_factory.mktemp("evalws"))
+    store = CaptionStore.for_workspace(ws)
+    build_sample_dataset(ws, store, "sample")
+    return ws, store
+
+
+def shifted_source(ws, shifts: dict[str, float]):
+    """images_for(checkpoint, prompts, seeds): each eval-set real image, colour-shifted by shifts[checkpoint]."""
+    def images_for(ck, prompts, seeds):
+        out = []
+        spec_set = images_for.eval_set
+        d = ws.samples_dir / f"fake-{ck}"
+        d.mkdir(parents=True, exist_ok=True)
+        for it in spec_set.items:
+            arr = np.asarray(Image.open(it.path).convert("RGB")).astype(np.float32)
+            arr[..., 0] = np.clip(arr[..., 0] + shifts[ck], 0, 255)
+            p = d / f"{it.key}.png"
+            Image.fromarray(arr.astype(np.uint8)).save(p)
+            out.append(p)
+        return out
+    return images_for
+
+
+def _run(ws, store, spec, checkpoints, shifts, extractor=None):
+    src = shifted_source(ws, shifts)
+    src.eval_set = E.build_eval_set(ws, store, spec)
+    return E.evaluate(ws, store, spec, checkpoints, images_for=src, checkpoint_sha256=lambda ck: f"sha-{ck}",
+                      backbone="tiny", extractor=extractor)
+
+
+def test_domain_extractor_fd_orders_shifts_and_real_cache_skips_extraction(sample):
+    ws, store = sample
+    spec = E.EvalSpec(dataset="sample", per_class=6, captions="latest", extractor="domain", n_boot=10,
+                      kid_subsets=20, min_samples=10)
+    ex = E.make_extractor(ws, store, spec)
+    assert ex.name == "domain" and ex.dim == 64 and len(ex.classes) == 10
+    r_same, r_far = _run(ws, store, spec, ["same", "far"], {"same": 0.0, "far": 120.0}, extractor=ex)
+    assert r_same.metrics["overall"]["fd"] == pytest.approx(0.0, abs=1e-6)   # FID(x, x) ≈ 0
+    assert r_far.metrics["overall"]["fd"] > 1e-3
+    assert r_far.metrics["overall"]["kid"] > r_same.metrics["overall"]["kid"]
+    assert set(r_far.metrics["per_class"]) == set(ex.classes)
+    assert r_same.profile["n_real"] == r_same.profile["n_generated"] == len(r_same.images)
+    calls = ex.calls
+    # A second evaluation against the same real set: real features come from the cache (one extraction only,
+    # for the generated images) and give identical numbers.
+    (again,) = _run(ws, store, spec, ["far"], {"far": 120.0}, extractor=ex)
+    assert ex.calls == calls + 1
+    assert again.metrics["overall"]["fd"] == r_far.metrics["overall"]["fd"]
+    # The domain classifier is cached too: a new extractor object loads it instead of training again.
+    ex2 = E.make_extractor(ws, store, spec)
+    assert ex2.weights_sha256 == ex.weights_sha256
+    table = E.comparison_table([r_same, r_far])
+    assert [r["comparable"] for r in table["rows"]] == [True, True]
+    assert table["best"].get("fd") == r_same.id
+
+
+def test_mismatched_profiles_are_refused_and_greyed_out(sample):
+    ws, store = sample
+    a = E.EvalSpec(dataset="sample", per_class=3, captions="latest", n_boot=0, kid_subsets=5, min_samples=2)
+    b = E.EvalSpec(dataset="sample", per_class=3, captions="latest", n_boot=0, kid_subsets=5, min_samples=2,
+                   steps=10)
+    ex = E.make_extractor(ws, store, a)
+    (ra,) = _run(ws, store, a, ["x"], {"x": 10.0}, extractor=ex)
+    (rb,) = _run(ws, store, b, ["y"], {"y": 10.0}, extractor=ex)
+    with pytest.raises(ProfileMismatchError, match="steps"):
+        E.require_comparable([ra.profile, rb.profile])
+    table = E.comparison_table([ra, rb])
+    assert table["rows"][1]["comparable"] is False and "steps" in table["rows"][1]["reason"]
+    assert "fd" not in table["best"]
+    assert {r.id for r in E.load_results(ws)} >= {ra.id, rb.id}
+
+
+def test_inception_through_torchmetrics_with_random_weights(tmp_path):
+    """The exact FID Inception architecture with seeded random weights (labelled as such), loaded from a
+    temp file through torchmetrics' NoTrainInceptionV3; our FID equals torchmetrics' FID on its features."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from medart_core.extractors import InceptionExtractor, images_to_uint8, write_random_inception_weights
+
+    path = write_random_inception_weights(tmp_path / "random-inception.pth", seed=0)
+    ex = InceptionExtractor(path, is_random=True)
+    assert ex.describe()["random_weights"] and ex.dim == 2048 and len(ex.weights_sha256) == 64
+    g = np.random.default_rng(0)
+    imgs = [Image.fromarray(g.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(8)]
+    gray = [Image.fromarray(g.integers(0, 255, (40, 48), dtype=np.uint8), mode="L") for _ in range(8)]
+    x, y = images_to_uint8(imgs, 64), images_to_uint8(gray, 64)
+    assert y.shape == (8, 3, 64, 64) and bool((y[:, 0] == y[:, 1]).all())   # grayscale replicated
+    fr, ff = ex.features(x), ex.features(y)
+    assert fr.shape == (8, 2048) and ex.calls == 2
+    from medart_core.metrics import frechet_distance
+
+    fid = FrechetInceptionDistance(feature=ex.net)
+    fid.update(x, real=True)
+    fid.update(y, real=False)
+    assert frechet_distance(fr, ff) == pytest.approx(float(fid.compute()), rel=1e-3)
+
+
+def test_unsafe_or_missing_inception_weights_give_clear_errors(tmp_path, monkeypatch):
+    import pickle
+
+    from medart_core.errors import MissingWeightsError, UnsafeFileError
+    from medart_core.extractors import InceptionExtractor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
+    monkeypatch.delenv("MEDART_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(MissingWeightsError, match="MEDART_INCEPTION_WEIGHTS"):
+        InceptionExtractor()
+    evil = tmp_path / "evil.pth"
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil.write_bytes(pickle.dumps({"x": Boom()}))
+    with pytest.raises(UnsafeFileError, match="refusing"):
+        InceptionExtractor(evil)
+
+
+def test_dinov2_from_a_tiny_config():
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from medart_core.extractors import Dinov2Extractor
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=56, patch_size=14))
+    ex = Dinov2Extractor(model=model, is_random=True)
+    x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    f = ex.features(x)
+    assert f.shape == (3, 32) and ex.dim == 32 and torch.isfinite(f).all()
+
+
+def test_downstream_utility_and_memorisation(sample):
+    import torch
+
+    ws, store = sample
+    spec = E.EvalSpec(dataset="sample", per_class=8, captions="latest")
+    es = E.build_eval_set(ws, store, spec)
+    classes = es.classes
+    x = E.images_to_uint8(E.load_images([it.path for it in es.items]), 32)
+    y = [classes.index(it.label) for it in es.items]
+    idx = torch.arange(len(y))
+    train, test = idx[idx % 4 != 0], idx[idx % 4 == 0]
+    res = E.downstream_utility(x[train], [y[i] for i in train], x[train].flip(-1), [y[i] for i in train],
+                               x[test], [y[i] for i in test], len(classes), epochs=8)
+    for k in ("real", "synthetic", "real+synthetic"):
+        assert 0 <= res[k]["accuracy"] <= 1 and res[k]["accuracy_ci"][0] <= res[k]["accuracy"] <= res[k]["accuracy_ci"][1]
+    assert res["real"]["accuracy"] > 1.5 / len(classes), "real images of 10 classes are learnable beyond chance"
+    feats = torch.randn(10, 8, dtype=torch.float64)
+    mem = E.nearest_training_images(feats[:3], feats, threshold=0.99)
+    assert mem["flagged"] == [0, 1, 2] and mem["nearest"] == [0, 1, 2]
