@@ -1,8 +1,9 @@
 """Server-side latency of the Captions tab on a 10,000-image dataset.
 
-Times the very handler functions Gradio calls (``studio.caption_tab.go_next`` / ``save``), so the
-figures are the tab's own cost: store reads/writes, tokenising, diff, history, rendering values.
-Network, JSON and the browser are not included.
+Times the very handler functions Gradio calls (``studio.caption_tab.go_next`` / ``save``: the review
+session's decision in ``medart_core.review`` plus rendering its view as Gradio updates), so the figures are
+the tab's own cost: store reads/writes, tokenising, diff, history, rendering values. Network, JSON and the
+browser are not included.
 
     python bench/caption_latency.py [--images 10000] [--ops 200]
 

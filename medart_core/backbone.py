@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .constants import MAX_TOKENS
 from .errors import ConfigError, MissingWeightsError
+from .hub import hub_reachable, is_offline, looks_like_hub_id
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `python app.py` and the CLI start fast
     import torch
@@ -27,7 +29,6 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `python app.py` and the CLI star
     from transformers import T5EncoderModel, T5TokenizerFast
 
 DEFAULT_BACKBONE = "PixArt-alpha/PixArt-XL-2-512x512"
-MAX_TOKENS = 120  # PixArt-α reads at most 120 T5 tokens (paper §3.1 of PixArt-α)
 RANDOM_LABEL = "random-weight demo backbone"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_FILE = ASSETS / "tokenizer" / "tokenizer.json"
@@ -102,7 +103,9 @@ class Backbone:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        from .pixart import vae_scale_factor
+
+        return vae_scale_factor(self.vae)
 
     @property
     def latent_size(self) -> int:
@@ -156,7 +159,7 @@ def load_tokenizer(spec: str = "tiny") -> "T5TokenizerFast":
         return AutoTokenizer.from_pretrained(str(sub))
     with _hub_errors(spec):
         return AutoTokenizer.from_pretrained(spec, subfolder="tokenizer",
-                                             local_files_only=_offline() or not hub_reachable())
+                                             local_files_only=is_offline() or not hub_reachable())
 
 
 def count_tokens(tokenizer: "T5TokenizerFast", text: str) -> int:
@@ -225,10 +228,6 @@ def build_random_backbone(preset: str = "tiny") -> Backbone:
                     transformer=transformer, scheduler=scheduler, resolution=p.resolution, is_random=True)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 class _hub_errors:
     """Turn the many ways a Hub load fails without weights into one MissingWeightsError with advice."""
 
@@ -256,28 +255,6 @@ class _hub_errors:
         return False
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host answers a TCP connect within ``timeout`` seconds.
-
-    huggingface_hub retries a dead network for about a minute per file; probing once first lets an offline
-    machine fall back to the local cache at once instead of appearing to hang.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
-
-
 def load_backbone(spec: str = DEFAULT_BACKBONE, *, torch_dtype: "torch.dtype | None" = None,
                   local_files_only: bool | None = None) -> Backbone:
     """Return PixArt-α's tokenizer, T5 encoder, VAE, DiT and scheduler for ``spec`` (see module docstring)."""
@@ -294,13 +271,13 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, *, torch_dtype: "torch.dtype | N
                 "`save_backbone`/`save_pretrained`, or to a Hub id such as PixArt-alpha/PixArt-XL-2-512x512."
             )
         return _load_pipeline_parts(str(folder), spec, torch_dtype or torch.float32, local_files_only=True)
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec, require_owner=True):  # a backbone's Hub id is always owner/name
         raise MissingWeightsError(
             f"Backbone {spec!r} is neither 'tiny', 'small', an existing folder, nor a Hub id (owner/name). "
             "Check the path, or set MEDART_BACKBONE / --backbone."
         )
     if local_files_only is None:
-        local_files_only = _offline() or not hub_reachable()
+        local_files_only = is_offline() or not hub_reachable()
     with _hub_errors(spec):
         return _load_pipeline_parts(spec, spec, torch_dtype or torch.float32, local_files_only=local_files_only)
 
@@ -317,8 +294,9 @@ def _load_pipeline_parts(source: str, spec: str, dtype: "torch.dtype", *, local_
     scheduler = DPMSolverMultistepScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     for m in (text_encoder, vae, transformer):
         m.eval().requires_grad_(False)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = int(transformer.config.sample_size) * scale
+    from .pixart import vae_scale_factor
+
+    resolution = int(transformer.config.sample_size) * vae_scale_factor(vae)
     is_random = False
     meta = Path(source) / "medart_backbone.json"
     if meta.is_file():  # a saved tiny/small backbone keeps its label

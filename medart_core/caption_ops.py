@@ -1,21 +1,22 @@
-"""Caption review operations the studio's Captions tab calls: filters, word diffs, the 120-token
-preview, rule badges, and batch edits (preview -> apply as one ``batch_id`` -> undo as one unit).
+"""Caption review operations: filters, word diffs, the 120-token preview, rule badges, and batch edits
+(preview -> apply as one ``batch_id`` -> undo as one unit).
 
-Everything here is plain library code over a :class:`~medart_core.captions.CaptionStore`, so the
-CLI, tests and the tab share one implementation and the Gradio handlers stay a few lines long.
+Everything here is plain library code over a :class:`~medart_core.captions.CaptionStore` and returns
+plain data (diff segments, :class:`TokenPreview`, :class:`Badge`); the studio renders it
+(``studio/render.py``) and :mod:`medart_core.review` strings it into the review session.
 """
 from __future__ import annotations
 
 import difflib
-import html
 import re
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .backbone import MAX_TOKENS   # PixArt-alpha reads 120 T5 tokens, the closing </s> included
+from .captions import BatchConflict, BatchResult
+from .constants import MAX_TOKENS   # PixArt-alpha reads 120 T5 tokens, the closing </s> included
 from .errors import ConfigError, ConflictError
 
 if TYPE_CHECKING:
@@ -176,20 +177,6 @@ def word_diff(before: str, after: str) -> list[tuple[str, str | None]]:
     return [seg for seg in out if seg[0]]
 
 
-def word_diff_html(before: str, after: str) -> str:
-    """The diff as HTML with ``<del>``/``<ins>``; every piece of caption text is ``html.escape``d."""
-    parts = []
-    for text, tag in word_diff(before, after):
-        esc = html.escape(text)
-        if tag == "-":
-            parts.append(f'<del class="cap-del">{esc}</del>')
-        elif tag == "+":
-            parts.append(f'<ins class="cap-ins">{esc}</ins>')
-        else:
-            parts.append(esc)
-    return "".join(parts)
-
-
 # ------------------------------------------------------------------------------------------------
 # Token preview
 # ------------------------------------------------------------------------------------------------
@@ -219,15 +206,6 @@ def token_preview(tokenizer: Any, text: str, limit: int = MAX_TOKENS) -> TokenPr
     offsets = enc["offset_mapping"]
     end = offsets[limit - 2][1] if limit >= 2 else 0
     return TokenPreview(n, limit, text[:end], text[end:])
-
-
-def token_counter_html(p: TokenPreview) -> str:
-    cls = "cap-tok-over" if p.over else ("cap-tok-near" if p.n_tokens > 0.9 * p.limit else "cap-tok-ok")
-    head = f'<span class="cap-tok {cls}"><b>{p.n_tokens}</b> / {p.limit} T5 tokens</span>'
-    if not p.over:
-        return f'<div class="cap-tokens">{head}</div>'
-    return (f'<div class="cap-tokens">{head} &mdash; {p.n_tokens - p.limit} over: the text encoder never sees '
-            f'<span class="cap-cut">{html.escape(p.cut)}</span></div>')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,16 +265,6 @@ def rule_badges(text: str, *, seed: str | None, n_tokens: int, features: Sequenc
     return badges
 
 
-def badges_html(badges: Iterable[Badge]) -> str:
-    out = []
-    for b in badges:
-        cls = "cap-badge-ok" if b.ok else "cap-badge-bad"
-        mark = "&#10003;" if b.ok else "&#10007;"
-        out.append(f'<span class="cap-badge {cls}" title="{html.escape(b.detail, quote=True)}">{mark} '
-                   f'{html.escape(b.name)}: {html.escape(b.detail)}</span>')
-    return '<div class="cap-badges">' + " ".join(out) + "</div>"
-
-
 # ------------------------------------------------------------------------------------------------
 # Batch operations
 # ------------------------------------------------------------------------------------------------
@@ -309,19 +277,6 @@ class BatchChange:
     after: str
     expected_version: int   # the version the preview was computed from: apply never overwrites newer work
     source: str | None = None   # set for re-drafts: the drafter that produced ``after``
-
-
-@dataclass
-class BatchResult:
-    batch_id: str
-    applied: list[int] = field(default_factory=list)
-    conflicts: list[tuple[int, str]] = field(default_factory=list)   # (image id, why it was skipped)
-
-    def summary(self) -> str:
-        s = f"Batch {self.batch_id}: {len(self.applied)} caption(s) changed"
-        if self.conflicts:
-            s += f"; {len(self.conflicts)} skipped because they changed since the preview"
-        return s + "."
 
 
 def _changes(states: Sequence["CaptionState"], fn: Callable[[str], str]) -> list[BatchChange]:
@@ -405,7 +360,7 @@ def apply_batch(store: "CaptionStore", changes: Sequence[BatchChange], *, review
     """
     if not reviewer:
         raise ConfigError("Enter your name (reviewer) before applying a batch.")
-    result = BatchResult(batch_id or new_batch_id())
+    result = BatchResult(batch_id or new_batch_id(), since="the preview")
     for ch in changes:
         try:
             version = ch.expected_version
@@ -416,14 +371,14 @@ def apply_batch(store: "CaptionStore", changes: Sequence[BatchChange], *, review
                                         current_text=cur.text)
                 ev = store.add_draft(ch.image_id, ch.after, source=ch.source, reviewer=reviewer,
                                      batch_id=result.batch_id)
+                result.events.append(ev)
                 version = ev.id
                 if store.current(ch.image_id).text == ch.after:
-                    result.applied.append(ch.image_id)
                     continue
-            store.edit(ch.image_id, ch.after, reviewer=reviewer, expected_version=version, batch_id=result.batch_id)
-            result.applied.append(ch.image_id)
+            result.events.append(store.edit(ch.image_id, ch.after, reviewer=reviewer, expected_version=version,
+                                            batch_id=result.batch_id))
         except ConflictError as e:
-            result.conflicts.append((ch.image_id, str(e)))
+            result.conflicts.append(BatchConflict(ch.image_id, e.expected, e.actual))
     return result
 
 
@@ -443,8 +398,8 @@ def changes_table(changes: Sequence[BatchChange]) -> list[list[Any]]:
 
 __all__ = [
     "MAX_TOKENS", "CaptionFilter", "compile_search", "TokenCounter", "filter_states", "progress_by_class",
-    "word_diff", "word_diff_html", "TokenPreview", "token_preview", "token_counter_html", "Badge",
-    "ReviewRules", "review_rules", "rule_badges", "badges_html", "BatchChange", "BatchResult",
+    "word_diff", "TokenPreview", "token_preview", "Badge",
+    "ReviewRules", "review_rules", "rule_badges", "BatchChange", "BatchResult",
     "preview_find_replace", "preview_affix", "preview_redraft", "available_drafters", "draft_text",
     "new_batch_id", "apply_batch", "undo_batch", "changes_table",
 ]

@@ -14,16 +14,15 @@ every connection is per thread and per process, the database runs in WAL mode (r
 the writer), and each write is one short ``BEGIN IMMEDIATE`` transaction. Human writes carry the
 ``expected_version`` the reviewer saw (the id of the image's latest event); if anything was written
 since, :class:`~medart_core.errors.ConflictError` is raised and nothing changes.
+
+This module is storage only. Exports to and imports from other layouts (imagefolder, Med-Art CSV) live in
+:mod:`medart_core.interchange`; the review rules of the Captions tab in :mod:`medart_core.review`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
-import random
 import re
-import shutil
 import sqlite3
 import threading
 import uuid
@@ -31,8 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
+from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, ConflictError, MedArtError, NotFoundError
 from .workspace import validate_name
 
@@ -42,13 +42,13 @@ EVENT_KINDS = ("draft", "edit", "status", "comment", "restore")
 CAPTION_KINDS = ("draft", "edit", "restore")
 HUMAN_TEXT_KINDS = ("edit", "restore")
 MAX_CAPTION_CHARS = 4000
-MAX_REVIEWER_CHARS = 200
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
 __all__ = [
     "STATUSES", "EVENT_KINDS", "MAX_CAPTION_CHARS", "ImageRecord", "CaptionEvent", "CaptionState",
-    "DatasetInfo", "ExportReport", "BatchResult", "UndoReport", "CaptionImportReport", "CaptionStore",
+    "DatasetInfo", "BatchConflict", "BatchResult", "UndoReport", "CaptionStore",
+    "check_text", "check_status", "check_source",
 ]
 
 
@@ -109,33 +109,33 @@ class DatasetInfo:
     status_counts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class ExportReport:
-    out_dir: Path
-    format: str                         # "imagefolder" | "medart_csv"
-    status: str                         # which captions were exported ("approved" or "all", …)
-    exported: int
-    skipped_by_status: dict[str, int]   # images left out, by their status
-    splits: dict[str, int]              # images per split ("train"/"validation"; "all" for CSV)
+class BatchConflict(NamedTuple):
+    """An image a batch left alone because its version moved (compares equal to the plain tuple)."""
 
-    def summary(self) -> str:
-        skipped = sum(self.skipped_by_status.values())
-        parts = ", ".join(f"{k}: {v}" for k, v in self.splits.items())
-        why = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped_by_status.items()))
-        return (f"Exported {self.exported} image(s) with {self.status} captions to {self.out_dir} ({parts})"
-                + (f"; left out {skipped} ({why})." if skipped else "."))
+    image_id: int
+    expected: int | None    # the version the batch was based on
+    actual: int | None      # the version it had when the batch came to it
 
 
 @dataclass
 class BatchResult:
+    """What one batch of writes did: the store's bulk writes and the caption tab's batches both return it."""
+
     batch_id: str                                                    # pass to undo_batch to revert it
     events: list[CaptionEvent] = field(default_factory=list)         # written
-    conflicts: list[tuple[int, int, int]] = field(default_factory=list)  # (image id, expected, actual): skipped
+    conflicts: list[BatchConflict] = field(default_factory=list)     # skipped, never overwritten
+    since: str = "you loaded them (reload and retry)"                # what the versions came from (summary)
+
+    @property
+    def applied(self) -> list[int]:
+        """Images the batch changed, in order (an image with a draft written but then skipped is not one)."""
+        skipped = {c.image_id for c in self.conflicts}
+        return [i for i in dict.fromkeys(e.image_id for e in self.events) if i not in skipped]
 
     def summary(self) -> str:
-        s = f"Changed {len(self.events)} image(s)"
+        s = f"Batch {self.batch_id}: {len(self.applied)} caption(s) changed"
         if self.conflicts:
-            s += f"; {len(self.conflicts)} skipped because someone changed them meanwhile (reload and retry)"
+            s += f"; {len(self.conflicts)} skipped because they changed since {self.since}"
         return s + "."
 
 
@@ -153,21 +153,6 @@ class UndoReport:
             s += f", {len(self.unchanged)} already as before"
         if self.skipped:
             s += f", {len(self.skipped)} skipped because they changed after the batch"
-        return s + "."
-
-
-@dataclass
-class CaptionImportReport:
-    dataset: str
-    added: int
-    batch_id: str | None
-    unmatched: list[tuple[int, str, str]] = field(default_factory=list)  # (row number, file_name, why)
-
-    def summary(self) -> str:
-        s = f"Imported {self.added} caption draft(s) into {self.dataset}"
-        if self.unmatched:
-            s += f"; {len(self.unmatched)} row(s) not used (first: row {self.unmatched[0][0]} " \
-                 f"{self.unmatched[0][1]!r}: {self.unmatched[0][2]})"
         return s + "."
 
 
@@ -214,7 +199,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _check_text(text: Any, what: str = "Caption") -> str:
+def check_text(text: Any, what: str = "Caption") -> str:
+    """``text`` as the store keeps it (LF newlines), or ConfigError naming ``what`` is wrong with it."""
     if not isinstance(text, str):
         raise ConfigError(f"{what} must be text, got {type(text).__name__}.")
     # Browsers submit textareas with CRLF; one newline convention keeps diffs and exports stable.
@@ -237,10 +223,18 @@ def _check_reviewer(reviewer: Any) -> str:
     return reviewer.strip()
 
 
-def _check_status(status: Any) -> str:
+def check_status(status: Any) -> str:
+    """``status`` if it is one of :data:`STATUSES`, else ConfigError listing them."""
     if status not in STATUSES:
         raise ConfigError(f"Unknown caption status {status!r}; use one of: {', '.join(STATUSES)}.")
     return status
+
+
+def check_source(source: Any) -> str:
+    """A draft's non-empty source (``template``, ``vlm:<model id>``, ``import``, …), else ConfigError."""
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError("A draft needs a source such as 'template', 'vlm:<model id>' or 'import'.")
+    return source
 
 
 def _check_version(v: Any) -> int:
@@ -346,6 +340,11 @@ CREATE INDEX IF NOT EXISTS state_by_status ON state (status);
 # ------------------------------------------------------------------------------------------------
 class CaptionStore:
     """Caption store over one SQLite file; safe to share between threads and to open from many processes."""
+
+    # The rules every write applies, for code that vets rows before writing them (caption import, exports).
+    check_text = staticmethod(check_text)
+    check_status = staticmethod(check_status)
+    check_source = staticmethod(check_source)
 
     def __init__(self, db_path: str | os.PathLike):
         self.db_path = Path(db_path)
@@ -531,7 +530,7 @@ class CaptionStore:
             draft = drafts[i] if drafts is not None else None
             if draft is not None:
                 text, source = draft
-                draft = (_check_text(text, f"Draft caption for {r.file_name!r}"), _check_source(source))
+                draft = (check_text(text, f"Draft caption for {r.file_name!r}"), check_source(source))
             rows.append((r, _json(r.source or {}, f"Source of {r.file_name!r}"), draft))
         ids: list[int] = []
         with self._write() as con:
@@ -575,7 +574,7 @@ class CaptionStore:
             args.append(label)
         if status is not None:
             where.append("s.status = ?")
-            args.append(_check_status(status))
+            args.append(check_status(status))
         return " AND ".join(where), args
 
     def list_images(self, dataset: str, *, offset: int = 0, limit: int | None = None,
@@ -668,7 +667,7 @@ class CaptionStore:
                   params: dict | None = None, seed: int | None = None, note: str | None = None,
                   reviewer: str | None = None, batch_id: str | None = None) -> CaptionEvent:
         """Record a machine draft. It becomes the caption only while no human has written or approved one."""
-        text = _check_text(text, "Draft caption")
+        text = check_text(text, "Draft caption")
         fields = _draft_fields(source, prompt, params, seed, note, reviewer, batch_id)
         with self._write() as con:
             return self._append(con, image_id, "draft", text=text, **fields)
@@ -677,14 +676,14 @@ class CaptionStore:
                    params: dict | None = None, seed: int | None = None, batch_id: str | None = None
                    ) -> list[CaptionEvent]:
         """Many drafts ``(image_id, text)`` in one transaction (captioning jobs write in chunks)."""
-        checked = [(image_id, _check_text(text, f"Draft caption for image {image_id}")) for image_id, text in items]
+        checked = [(image_id, check_text(text, f"Draft caption for image {image_id}")) for image_id, text in items]
         fields = _draft_fields(source, prompt, params, seed, None, None, batch_id)
         with self._write() as con:
             return [self._append(con, image_id, "draft", text=text, **fields) for image_id, text in checked]
 
     def edit(self, image_id: int, text: str, *, reviewer: str, expected_version: int,
              batch_id: str | None = None) -> CaptionEvent:
-        text = _check_text(text)
+        text = check_text(text)
         reviewer = _check_reviewer(reviewer)
         expected_version = _check_version(expected_version)
         with self._write() as con:
@@ -693,11 +692,11 @@ class CaptionStore:
 
     def set_status(self, image_id: int, status: str, *, reviewer: str, expected_version: int,
                    note: str | None = None, batch_id: str | None = None) -> CaptionEvent:
-        status = _check_status(status)
+        status = check_status(status)
         reviewer = _check_reviewer(reviewer)
         expected_version = _check_version(expected_version)
         if note is not None:
-            note = _check_text(note, "Note")
+            note = check_text(note, "Note")
         with self._write() as con:
             return self._append(con, image_id, "status", status=status, reviewer=reviewer, note=note,
                                 batch_id=batch_id, expected_version=expected_version)
@@ -708,7 +707,7 @@ class CaptionStore:
                                batch_id=batch_id)
 
     def comment(self, image_id: int, text: str, *, reviewer: str) -> CaptionEvent:
-        text = _check_text(text, "Comment")
+        text = check_text(text, "Comment")
         if not text.strip():
             raise ConfigError("A comment cannot be empty.")
         reviewer = _check_reviewer(reviewer)
@@ -736,16 +735,16 @@ class CaptionStore:
         """Edits ``(image_id, expected_version, text)`` in ONE transaction under one batch id.
         Images whose version moved are left alone and listed in ``conflicts``; the rest are written."""
         reviewer = _check_reviewer(reviewer)
-        checked = [(i, _check_version(v), _check_text(t, f"Caption for image {i}")) for i, v, t in items]
+        checked = [(i, _check_version(v), check_text(t, f"Caption for image {i}")) for i, v, t in items]
         return self._many([(i, v, dict(kind="edit", text=t)) for i, v, t in checked], reviewer, batch_id)
 
     def set_status_many(self, items: list[tuple[int, int]], status: str, *, reviewer: str,
                         note: str | None = None, batch_id: str | None = None) -> BatchResult:
         """Status changes ``(image_id, expected_version)`` in ONE transaction (e.g. approve a filtered page)."""
-        status = _check_status(status)
+        status = check_status(status)
         reviewer = _check_reviewer(reviewer)
         if note is not None:
-            note = _check_text(note, "Note")
+            note = check_text(note, "Note")
         checked = [(i, _check_version(v)) for i, v in items]
         return self._many([(i, v, dict(kind="status", status=status, note=note)) for i, v in checked],
                           reviewer, batch_id)
@@ -759,7 +758,7 @@ class CaptionStore:
                     ev = self._append(con, image_id, kind, reviewer=reviewer, batch_id=result.batch_id,
                                       expected_version=expected, **fields)
                 except ConflictError as e:
-                    result.conflicts.append((image_id, e.expected, e.actual))
+                    result.conflicts.append(BatchConflict(image_id, e.expected, e.actual))
                     continue
                 result.events.append(ev)
         return result
@@ -886,245 +885,16 @@ class CaptionStore:
                 report.reverted.append(image_id)
         return report
 
-    # --- exports --------------------------------------------------------------------------------
-    def _export_rows(self, ws, dataset: str, status: str) -> tuple[list[tuple[CaptionState, Path]], dict[str, int]]:
-        if status != "all":
-            _check_status(status)
-        rows, skipped = [], {}
-        missing = []
-        for st in self.states(dataset):
-            if status != "all" and st.status != status:
-                skipped[st.status] = skipped.get(st.status, 0) + 1
-                continue
-            path = ws.image_path(dataset, st.file_name)
-            if not path.is_file():
-                missing.append(st.file_name)
-            rows.append((st, path))
-        if missing:
-            raise NotFoundError(
-                f"{len(missing)} image file(s) of dataset {dataset!r} are missing on disk (first: {missing[0]}); "
-                "re-import the dataset before exporting.")
-        if not rows:
-            raise ConfigError(f"Dataset {dataset!r} has no images with status {status!r} to export; approve some "
-                              "captions first or export with status='all'.")
-        return rows, skipped
-
-    def export_imagefolder(self, ws, dataset: str, out_dir: str | os.PathLike, *, status: str = "approved",
-                           val_fraction: float = 0.1, seed: int = 0, overwrite: bool = False) -> ExportReport:
-        """Hugging Face ``imagefolder`` layout: ``train/`` and ``validation/``, each with its images and a
-        ``metadata.jsonl`` (file_name, text, label, caption_version, status) that ``datasets`` picks up."""
-        if not (0.0 <= float(val_fraction) < 1.0):
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        out_dir = Path(out_dir)
-        _check_out_dir(out_dir, overwrite)
-        rows, skipped = self._export_rows(ws, dataset, status)
-        split_of = _split(rows, float(val_fraction), seed)
-        counts = {"train": 0, "validation": 0}
-        with _atomic_dir(out_dir, overwrite) as tmp:
-            meta: dict[str, list[str]] = {"train": [], "validation": []}
-            used: dict[str, set[str]] = {"train": set(), "validation": set()}
-            for st, path in rows:
-                split = split_of[st.image_id]
-                folder = tmp / split
-                folder.mkdir(exist_ok=True)
-                name = _unique_name(path.name, st.image_id, used[split])
-                shutil.copyfile(path, folder / name)
-                meta[split].append(json.dumps({"file_name": name, "text": st.text, "label": st.label,
-                                               "caption_version": st.caption_version, "status": st.status},
-                                              ensure_ascii=False))
-                counts[split] += 1
-            for split, lines in meta.items():
-                if lines:
-                    (tmp / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if not counts["validation"]:
-            del counts["validation"]
-        return ExportReport(out_dir, "imagefolder", status, len(rows), skipped, counts)
-
-    def export_medart_csv(self, ws, dataset: str, out_dir: str | os.PathLike, *, status: str = "approved",
-                          overwrite: bool = False) -> ExportReport:
-        """The Med-Art reference layout: images plus ``metadata.csv`` with ``file_name,text`` (RFC 4180 quoting)."""
-        out_dir = Path(out_dir)
-        _check_out_dir(out_dir, overwrite)
-        rows, skipped = self._export_rows(ws, dataset, status)
-        with _atomic_dir(out_dir, overwrite) as tmp:
-            used: set[str] = {"metadata.csv"}
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["file_name", "text"])
-            for st, path in rows:
-                name = _unique_name(path.name, st.image_id, used)
-                shutil.copyfile(path, tmp / name)
-                writer.writerow([name, st.text])
-            (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8", newline="")
-        return ExportReport(out_dir, "medart_csv", status, len(rows), skipped, {"all": len(rows)})
-
-    # --- import of captions ---------------------------------------------------------------------
-    def import_captions(self, dataset: str, metadata_path: str | os.PathLike, *, source: str = "import") -> int:
-        """Add captions from ``metadata.jsonl`` / ``metadata.csv`` (file_name, text) as drafts; returns how
-        many were added. :meth:`import_captions_report` also lists the rows that matched no image."""
-        return self.import_captions_report(dataset, metadata_path, source=source).added
-
-    def import_captions_report(self, dataset: str, metadata_path: str | os.PathLike, *,
-                               source: str = "import") -> CaptionImportReport:
-        source = _check_source(source)
-        rows = _read_metadata(Path(metadata_path))
-        with self._read() as con:
-            self._require_dataset(con, dataset)
-            images = con.execute("SELECT id, file_name, source FROM images WHERE dataset = ?", (dataset,)).fetchall()
-        # An image answers to its stored name, that name's basename and its original name (and basename).
-        keys: dict[str, set[int]] = {}
-        for image_id, file_name, src in images:
-            names = {file_name, PurePosixPath(file_name).name}
-            orig = json.loads(src or "{}").get("original_name")
-            if isinstance(orig, str) and orig:
-                names |= {orig, PurePosixPath(orig.replace("\\", "/")).name}
-            for n in names:
-                keys.setdefault(n, set()).add(image_id)
-        report = CaptionImportReport(dataset, 0, None)
-        items: list[tuple[int, str]] = []
-        for row_no, file_name, text in rows:
-            ids = keys.get(file_name) or keys.get(PurePosixPath(file_name.replace("\\", "/")).name)
-            if not ids:
-                report.unmatched.append((row_no, file_name, "no image with this file name"))
-            elif len(ids) > 1:
-                report.unmatched.append((row_no, file_name, f"matches {len(ids)} images; use the stored file name"))
-            elif not text.strip():
-                report.unmatched.append((row_no, file_name, "empty caption"))
-            else:
-                try:
-                    items.append((next(iter(ids)), _check_text(text)))
-                except ConfigError as e:
-                    report.unmatched.append((row_no, file_name, str(e)))
-        if items:
-            report.batch_id = self.new_batch_id("import")
-            self.add_drafts(items, source=source, params={"file": Path(metadata_path).name},
-                            batch_id=report.batch_id)
-            report.added = len(items)
-        return report
+    # --- kept for callers not yet moved ---------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _check_source(source: Any) -> str:
-    if not isinstance(source, str) or not source.strip():
-        raise ConfigError("A draft needs a source such as 'template', 'vlm:<model id>' or 'import'.")
-    return source
-
-
 def _draft_fields(source, prompt, params, seed, note, reviewer, batch_id) -> dict[str, Any]:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"Draft seed must be an integer, got {seed!r}.")
     if params is not None:
         _json(params, "Draft parameters")
-    return dict(source=_check_source(source), prompt=prompt, params=params, seed=seed, note=note,
+    return dict(source=check_source(source), prompt=prompt, params=params, seed=seed, note=note,
                 reviewer=reviewer, batch_id=batch_id)
-
-
-def _split(rows: list[tuple[CaptionState, Path]], val_fraction: float, seed: int) -> dict[int, str]:
-    """Seeded split stratified by label: per-label validation quotas by largest remainder, each label
-    keeps at least one training image, so every class the model sees at validation it also trained on."""
-    by_label: dict[str, list[int]] = {}
-    for st, _ in rows:
-        by_label.setdefault(st.label or "", []).append(st.image_id)
-    n = len(rows)
-    target = round(n * val_fraction)
-    if val_fraction > 0 and target == 0 and n >= 2:
-        target = 1
-    labels = sorted(by_label)
-    cap = {lab: len(by_label[lab]) - 1 for lab in labels}
-    exact = {lab: len(by_label[lab]) * val_fraction for lab in labels}
-    quota = {lab: min(int(exact[lab]), cap[lab]) for lab in labels}
-    rest = target - sum(quota.values())
-    for lab in sorted(labels, key=lambda lab: (-(exact[lab] - int(exact[lab])), -len(by_label[lab]), lab)):
-        if rest <= 0:
-            break
-        if quota[lab] < cap[lab]:
-            quota[lab] += 1
-            rest -= 1
-    out: dict[int, str] = {}
-    for lab in labels:
-        ids = sorted(by_label[lab])
-        random.Random(f"{seed}:{lab}").shuffle(ids)
-        for k, image_id in enumerate(ids):
-            out[image_id] = "validation" if k < quota[lab] else "train"
-    return out
-
-
-def _unique_name(name: str, image_id: int, used: set[str]) -> str:
-    candidate = name
-    if candidate.lower() in used:
-        p = PurePosixPath(name)
-        candidate = f"{p.stem}-{image_id}{p.suffix}"
-    k = 1
-    while candidate.lower() in used:
-        p = PurePosixPath(name)
-        candidate = f"{p.stem}-{image_id}-{k}{p.suffix}"
-        k += 1
-    used.add(candidate.lower())
-    return candidate
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ConfigError(f"Export target {out_dir} exists and is not a folder; choose another place.")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise ConfigError(f"Export folder {out_dir} is not empty; choose an empty folder or pass overwrite=True.")
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Build the export in a sibling temp folder and rename it into place, so a crash or an error
-    never leaves a half-written export that a training run could pick up."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            if any(out_dir.iterdir()) and not overwrite:
-                raise ConfigError(f"Export folder {out_dir} filled up while exporting; nothing was changed.")
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_metadata(path: Path) -> list[tuple[int, str, str]]:
-    """Rows ``(row number, file_name, text)`` of a metadata.jsonl or metadata.csv."""
-    if not path.is_file():
-        raise NotFoundError(f"Caption file {path} does not exist.")
-    suffix = path.suffix.lower()
-    out: list[tuple[int, str, str]] = []
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path.name} is not UTF-8 text; save it as UTF-8 and import again.") from None
-    if suffix == ".jsonl":
-        for no, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path.name} line {no} is not valid JSON ({e.msg}); fix it and import again.") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str) \
-                    or not isinstance(obj.get("text"), str):
-                raise ConfigError(f"{path.name} line {no} needs string fields 'file_name' and 'text'.")
-            out.append((no, obj["file_name"], obj["text"]))
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(raw, newline=""))
-        if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
-            raise ConfigError(f"{path.name} needs a header row with columns 'file_name' and 'text'.")
-        for no, row in enumerate(reader, start=1):
-            out.append((no, row["file_name"] or "", row["text"] or ""))
-    else:
-        raise ConfigError(f"Cannot read captions from {path.name}: use a metadata.jsonl or metadata.csv file.")
-    return out

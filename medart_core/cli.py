@@ -1,7 +1,8 @@
 """``python -m medart_core``: the command-line face of the library (the studio is the other one).
 
-Each feature module registers its own sub-commands through ``register_cli(subparsers)`` and keeps its heavy
-imports inside the handlers, so ``--help`` answers at once.
+The data commands (sample data, import, export, caption import, datasets) are defined here; each module of
+:data:`SUBCOMMAND_MODULES` adds its own through ``register_cli(subparsers)`` and keeps its heavy imports
+inside the handlers, so ``--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Sequence
 
 from .errors import MedArtError
 
-# Modules that add sub-commands of their own (captioning, training). Missing ones are skipped.
-FEATURE_MODULES = ("medart_core.vsg", "medart_core.train")
+# Modules that add sub-commands of their own: captioning, training, out-of-process jobs. Each must exist
+# and define ``register_cli(subparsers)``.
+SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train")
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:
@@ -35,24 +37,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .captions import CaptionStore
+    from .interchange import export_imagefolder, export_medart_csv
     from .workspace import Workspace
 
     ws = Workspace.open(args.workspace)
     store = CaptionStore.for_workspace(ws)
-    if args.format == "imagefolder":
-        report = store.export_imagefolder(ws, args.dataset, args.out, status=args.status, overwrite=args.overwrite)
-    else:
-        report = store.export_medart_csv(ws, args.dataset, args.out, status=args.status, overwrite=args.overwrite)
-    print(report.summary() if hasattr(report, "summary") else report)
+    export = export_imagefolder if args.format == "imagefolder" else export_medart_csv
+    report = export(store, ws, args.dataset, args.out, status=args.status, overwrite=args.overwrite)
+    print(report.summary())
     return 0
 
 
 def _cmd_import_captions(args: argparse.Namespace) -> int:
     from .captions import CaptionStore
+    from .interchange import import_captions_report
     from .workspace import Workspace
 
     store = CaptionStore.for_workspace(Workspace.open(args.workspace))
-    report = store.import_captions_report(args.dataset, args.metadata)
+    report = import_captions_report(store, args.dataset, args.metadata)
     print(report.summary())
     return 0 if report.added else 1
 
@@ -105,16 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace(p)
     p.set_defaults(func=_cmd_datasets)
 
-    for name in FEATURE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        register = getattr(mod, "register_cli", None)
-        if register is not None:
-            register(sub)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 

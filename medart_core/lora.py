@@ -228,10 +228,11 @@ def save_adapters(backbone: Any, folder: str | Path) -> Path:
         model = getattr(backbone, _PARTS[part])
         # Only a Hub id is worth recording: peft looks a recorded name up on the Hub when loading, and
         # "tiny" or a folder path would send it to the network for nothing.
-        from .backbone import _looks_like_hub_id
+        from .hub import looks_like_hub_id
 
         spec = str(backbone.spec)
-        lcfg.base_model_name_or_path = spec if _looks_like_hub_id(spec) and not Path(spec).exists() else None
+        is_hub = looks_like_hub_id(spec, require_owner=True) and not Path(spec).exists()
+        lcfg.base_model_name_or_path = spec if is_hub else None
         lcfg.save_pretrained(str(sub))
         tensors = {_PEFT_PREFIX + k: v.contiguous() for k, v in sd[part].items()}
         save_file(tensors, str(sub / ADAPTER_WEIGHTS), metadata={"format": "pt", "model": type(model).__name__})

@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .constants import MAX_TOKENS, PAPER_BACKBONE
 from .errors import ConfigError, ConflictError, InvalidImageError, MedArtError, MissingWeightsError
+from .hub import is_offline, looks_like_hub_id
 from .prompts import PromptTemplate, default_prompt, load_prompt, normalise_modality
+from .seeds import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -45,9 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_VLM = "llava-hf/llama3-llava-next-8b-hf"
 DEFAULT_SHORTENER = "t5-large"
-DEFAULT_BACKBONE_SPEC = "PixArt-alpha/PixArt-XL-2-512x512"  # whose T5 tokenizer counts the 120 tokens
+DEFAULT_BACKBONE_SPEC = PAPER_BACKBONE  # whose T5 tokenizer counts the 120 tokens
 DEFAULT_MAX_RETRIES = 5
-MAX_TOKENS = 120
 VSG_REVIEWER = "vsg"
 FLAG_STATUS = "needs-second-read"
 PARROT_RUN = 4          # this many feature phrases in a bare list = parroting (see parroting_reason)
@@ -88,18 +90,11 @@ def template_caption(label: str, modality: str | None = "generic",
 # ------------------------------------------------------------------------------------------------
 # Seeds
 # ------------------------------------------------------------------------------------------------
-def derive_seed(base_seed: int, key: str | int) -> int:
-    """A 31-bit seed from a base seed and a key (an image's pixel hash, or a retry number).
-
-    Derived from the pixels rather than the image id so the same image gets the same draft in any
-    dataset or order; 31 bits so it fits every RNG and an SQLite integer."""
-    h = hashlib.sha256(f"{int(base_seed)}:{key}".encode()).digest()
-    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
-
-
+# Draft seeds are 31-bit (``seeds.derive_seed(..., bits=31)``) so they fit every VLM's RNG. An image's seed
+# comes from its pixels rather than its id, so the same image gets the same draft in any dataset or order.
 def attempt_seed(seed: int, attempt: int) -> int:
     """Attempt 0 uses ``seed`` itself so a stored draft seed reproduces the draft; retries derive new ones."""
-    return seed if attempt == 0 else derive_seed(seed, f"retry-{attempt}")
+    return seed if attempt == 0 else derive_seed(seed, f"retry-{attempt}", bits=31)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,16 +446,9 @@ class TemplateDrafter(Drafter):
 # ------------------------------------------------------------------------------------------------
 # model loading (shared by vlm and shorten)
 # ------------------------------------------------------------------------------------------------
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are ``name`` or ``owner/name``; anything else (``./x``, ``/abs``, ``a/b/c``, ``~``) is a folder."""
-    return not _HUB_ID.match(spec) or Path(spec).expanduser().exists()
+    return not looks_like_hub_id(spec) or Path(spec).expanduser().exists()
 
 
 def resolve_model(spec: str) -> tuple[str, bool]:
@@ -474,7 +462,7 @@ def resolve_model(spec: str) -> tuple[str, bool]:
         raise MissingWeightsError(
             f"Model folder {spec} does not exist. Pass the folder that holds config.json and the weights "
             "(saved with save_pretrained), or a Hugging Face Hub id.")
-    return spec, _offline()
+    return spec, is_offline()
 
 
 def _load_error(spec: str, what: str, exc: BaseException) -> MissingWeightsError:
@@ -485,7 +473,7 @@ def _load_error(spec: str, what: str, exc: BaseException) -> MissingWeightsError
                "written by save_pretrained.")
     else:
         msg = (f"Could not load the {what} {spec!r}: its weights are not in the Hugging Face cache"
-               f"{' and HF_HUB_OFFLINE=1 forbids downloading' if _offline() else ' and the Hub could not be reached'}"
+               f"{' and HF_HUB_OFFLINE=1 forbids downloading' if is_offline() else ' and the Hub could not be reached'}"
                f" ({type(exc).__name__}). Download it on a machine with network access "
                f"(`huggingface-cli download {spec}`) and copy the cache (HF_HOME) here, or pass a local folder "
                "with --model.")
@@ -858,7 +846,7 @@ def caption_dataset(ws: "Workspace", store: "CaptionStore", dataset: str, drafte
                     report.done += 1
                     continue
             items.append((rec, state, DraftItem(label=rec.label, seed_caption=drafter.seed_caption(rec.label),
-                                                seed=derive_seed(drafter.seed, rec.pixel_hash), image=image,
+                                                seed=derive_seed(drafter.seed, rec.pixel_hash, bits=31), image=image,
                                                 text=state.text if drafter.needs_text else None)))
         results = drafter.draft_many([it for _, _, it in items]) if items else []
         for (rec, state, item), res in zip(items, results):

@@ -1,14 +1,21 @@
-"""The studio's shell: one Blocks app with a tab per task. Tabs live in their own modules and call the library."""
+"""The studio's shell: one Blocks app with a tab per task, listed in :data:`TABS`.
+
+Each tab lives in its own module and calls the library. A tab is one line of :data:`TABS`; its module
+may also define ``HEAD_JS`` (a script for the page ``<head>``) and ``LAUNCH_CSS``, which
+:func:`launch_kwargs` hands to Gradio at launch time (Gradio 6 takes CSS/JS there, not in ``Blocks``).
+"""
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
-from typing import Any
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
 
 import gradio as gr
 
 from .context import StudioContext
-from .dataset_tab import build_dataset_tab
 
 log = logging.getLogger("medart.studio")
 
@@ -18,17 +25,26 @@ CSS = """
 """
 
 
-def _optional_tab(module: str, builder: str):
-    """A tab whose module is optional in this build; the shell runs without it."""
-    import importlib
+@dataclass(frozen=True)
+class TabSpec:
+    """One tab: its label, its id (``gr.Tab(id=...)``) and ``"module:builder"``, the function that lays it out
+    inside the current ``gr.Tab`` given the :class:`StudioContext`."""
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None, None
-        raise
-    return getattr(mod, builder), mod
+    label: str
+    id: str
+    builder: str
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.builder.partition(":")[0])
+
+    def build_fn(self) -> Callable[[StudioContext], Any]:
+        return getattr(self.module(), self.builder.partition(":")[2])
+
+
+TABS: list[TabSpec] = [
+    TabSpec("Dataset", "dataset", "studio.dataset_tab:build_dataset_tab"),
+    TabSpec("Captions", "captions", "studio.caption_tab:build_caption_tab"),
+]
 
 
 def build_app(ctx: StudioContext) -> gr.Blocks:
@@ -36,23 +52,24 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
         gr.Markdown("# Med-Art Studio\nCaption, fine-tune, generate and evaluate medical text-to-image models "
                     "(PixArt-α + HLDF). Research use only — not for diagnosis.")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
-                build_dataset_tab(ctx)
-            build_caption_tab, _ = _optional_tab("studio.caption_tab", "build_caption_tab")
-            if build_caption_tab is not None:
-                with gr.Tab("Captions", id="captions"):
-                    build_caption_tab(ctx)
+            for tab in TABS:
+                with gr.Tab(tab.label, id=tab.id):
+                    tab.build_fn()(ctx)
     return demo
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """CSS/JS that Gradio 6 takes at launch time (keyboard shortcuts of the caption tab among them)."""
-    head = ""
-    _, mod = _optional_tab("studio.caption_tab", "build_caption_tab")
-    js = getattr(mod, "KEYBOARD_JS", None) if mod is not None else None
-    if js:
-        head = js if js.lstrip().startswith("<script") else f"<script>{js}</script>"
-    return {"css": CSS, "head": head or None}
+    """CSS/JS that Gradio 6 takes at launch time: the shell's CSS plus what each tab module contributes."""
+    css, heads = [CSS], []
+    for tab in TABS:
+        mod = tab.module()
+        js = getattr(mod, "HEAD_JS", None)
+        if js:
+            heads.append(js if js.lstrip().startswith("<script") else f"<script>{js}</script>")
+        extra = getattr(mod, "LAUNCH_CSS", None)
+        if extra:
+            css.append(extra)
+    return {"css": "\n".join(css), "head": "\n".join(heads) or None}
 
 
 def start_background_sample_build(ctx: StudioContext) -> threading.Thread | None:

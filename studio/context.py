@@ -1,16 +1,19 @@
-"""What every studio tab shares: the workspace, the caption store, and who is at the keyboard."""
+"""What every studio tab shares: the workspace, the caption store, the review resources (tokenizer, rules
+caches) and who is at the keyboard."""
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from medart_core.constants import MAX_REVIEWER_CHARS, RANDOM_LABEL
 from medart_core.workspace import Workspace
 
 if TYPE_CHECKING:
     import gradio as gr
 
     from medart_core.captions import CaptionStore
+    from medart_core.review import ReviewContext
 
 
 @dataclass
@@ -22,6 +25,18 @@ class StudioContext:
     # Background work started by the shell (e.g. building the sample dataset on first start).
     status: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _review: "ReviewContext | None" = field(default=None, init=False, repr=False, compare=False)
+    _review_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def review(self) -> "ReviewContext":
+        """The Captions tab's shared review resources (the backbone's tokenizer, per-class rules), made once."""
+        with self._review_lock:
+            if self._review is None:
+                from medart_core.review import ReviewContext
+
+                self._review = ReviewContext(self.ws, self.store, self.backbone_spec)
+            return self._review
 
     @property
     def backbone_is_random(self) -> bool:
@@ -30,8 +45,6 @@ class StudioContext:
         return self.backbone_spec in PRESETS
 
     def backbone_label(self) -> str:
-        from medart_core.backbone import RANDOM_LABEL
-
         return f"{self.backbone_spec} ({RANDOM_LABEL})" if self.backbone_is_random else self.backbone_spec
 
     def reviewer_for(self, request: "gr.Request | None", typed_name: str | None) -> str | None:
@@ -40,4 +53,4 @@ class StudioContext:
         if user:
             return str(user)
         name = (typed_name or "").strip()
-        return name[:64] or None
+        return name[:MAX_REVIEWER_CHARS] or None

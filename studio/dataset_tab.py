@@ -1,7 +1,8 @@
 """Dataset tab: pick a dataset, page through its images, see one image with class, provenance and caption.
 
 Only the current page's thumbnails go to the browser (``PAGE_SIZE`` at a time), so an 8,000-image dataset
-costs the same to browse as a 24-image one.
+costs the same to browse as a 24-image one. Every event handler goes through ``studio.errors.user_errors``:
+a library error (unknown dataset, bad import) is shown as a ``gr.Error`` message, not a traceback.
 """
 from __future__ import annotations
 
@@ -12,26 +13,13 @@ from typing import Any
 
 import gradio as gr
 
-from medart_core.errors import MedArtError
+from medart_core.errors import ConfigError
 
 from .context import StudioContext
+from .errors import user_errors
 
 PAGE_SIZE = 24
 ALL_CLASSES = "(all classes)"
-
-
-def user_errors(fn):
-    """Show library errors (unknown dataset, bad import, ...) as a Gradio error message, not a traceback."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MedArtError as e:
-            raise gr.Error(str(e)) from e
-
-    return wrapper
 
 
 # ---- handlers: plain functions of (ctx, inputs) so tests and benchmarks call them directly -------------
@@ -187,32 +175,44 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
         return image_detail(ctx, page_ids[idx])
 
     @user_errors
+    def _on_class(dataset, label):
+        return _on_page(dataset, label, 1)
+
+    @user_errors
+    def _on_prev(dataset, label, p):
+        return _on_page(dataset, label, p, -1)
+
+    @user_errors
+    def _on_next(dataset, label, p):
+        return _on_page(dataset, label, p, +1)
+
+    @user_errors
     def _on_import(files, name, label, modality, current):
         if not files:
-            raise gr.Error("Choose one or more files to import first.")
-        try:
-            report = import_uploads(ctx, [getattr(f, "name", f) for f in files], (name or "").strip(),
-                                    modality=modality, label=(label or "").strip() or None)
-        except MedArtError as e:
-            raise gr.Error(str(e))
+            raise ConfigError("Choose one or more files to import first.")
+        report = import_uploads(ctx, [getattr(f, "name", f) for f in files], (name or "").strip(),
+                                modality=modality, label=(label or "").strip() or None)
         refreshed = _refresh_all(name.strip() if report.imported else current)
         return (report.summary(),) + refreshed
 
+    @user_errors
+    def _on_image_id(image_id):
+        return image_detail(ctx, image_id)
+
     outs_all = [banner, ds, cls, page, gallery, ids, summary]
     ds.change(_on_dataset, ds, [cls, page, gallery, ids, summary], api_name="dataset_select")
-    cls.change(lambda d, c: _on_page(d, c, 1), [ds, cls], [page, gallery, ids, summary], api_name="dataset_class")
+    cls.change(_on_class, [ds, cls], [page, gallery, ids, summary], api_name="dataset_class")
     page.submit(_on_page, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_page")
-    prev_b.click(lambda d, c, p: _on_page(d, c, p, -1), [ds, cls, page], [page, gallery, ids, summary],
-                 api_name="dataset_prev")
-    next_b.click(lambda d, c, p: _on_page(d, c, p, +1), [ds, cls, page], [page, gallery, ids, summary],
-                 api_name="dataset_next")
+    prev_b.click(_on_prev, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_prev")
+    next_b.click(_on_next, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_next")
     gallery.select(_on_select, ids, [big, head, caption, prov, hist], api_name=False)
     imp_b.click(_on_import, [up, imp_name, imp_label, imp_mod, ds], [imp_report] + outs_all, api_name="import")
     id_box = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
-    id_box.change(user_errors(lambda i: image_detail(ctx, i)), id_box, [big, head, caption, prov, hist], api_name="image_detail")
+    id_box.change(_on_image_id, id_box, [big, head, caption, prov, hist], api_name="image_detail")
 
     timer = gr.Timer(2.0, active=True)
 
+    @user_errors
     def _poll(current):
         # Until background work (first-start sample build) ends, keep the listing fresh; then stop polling.
         busy = ctx.status.get("sample") == "building"

@@ -1,4 +1,5 @@
-"""caption_ops on a real CaptionStore: filters, search, word diff, token preview, badges, batches, conflicts."""
+"""caption_ops on a real CaptionStore: filters, search, word diff, token preview, badges, batches, conflicts
+(and studio.render, which turns the diff, token preview and badges into escaped HTML)."""
 from __future__ import annotations
 
 import html
@@ -10,6 +11,7 @@ from bench.caption_latency import build_review_dataset
 from medart_core import caption_ops as ops
 from medart_core.backbone import count_tokens, load_tokenizer
 from medart_core.errors import ConfigError, ConflictError, NotFoundError
+from studio import render
 
 
 @pytest.fixture
@@ -82,12 +84,12 @@ def test_word_diff_segments_and_escaped_html():
     assert "".join(t for t, tag in segs if tag != "-") == after
     assert [t.strip() for t, tag in segs if tag == "-"] == ["polyps,", "flat."]
     assert ("".join(t for t, tag in segs if tag != "+")).split() == before.split()
-    out = ops.word_diff_html(before, after)
+    out = render.word_diff_html(before, after)
     assert "<b>" not in out and "&lt;b&gt;margin&lt;/b&gt;" in out
     assert '<del class="cap-del">flat.</del>' in out and "<ins" in out
     assert ops.word_diff("same text", "same text") == [("same text", None)]
     assert ops.word_diff("", "new") == [("new", "+")]
-    xss = ops.word_diff_html("", "<script>alert(1)</script>")
+    xss = render.word_diff_html("", "<script>alert(1)</script>")
     assert "<script>" not in xss and html.unescape(re.sub(r"<[^>]+>", "", xss)) == "<script>alert(1)</script>"
 
 
@@ -103,7 +105,7 @@ def test_token_preview_shows_the_truncated_tail(tok):
     kept_ids = tok(p.kept, add_special_tokens=True)["input_ids"]
     trunc_ids = tok(long, add_special_tokens=True, truncation=True, max_length=ops.MAX_TOKENS)["input_ids"]
     assert kept_ids == trunc_ids
-    html_out = ops.token_counter_html(ops.token_preview(tok, long + " <img src=x onerror=alert(1)>"))
+    html_out = render.token_counter_html(ops.token_preview(tok, long + " <img src=x onerror=alert(1)>"))
     assert "<img" not in html_out and "&lt;img" in html_out and "over" in html_out
 
 
@@ -120,7 +122,7 @@ def test_rule_badges_seed_length_parroting(ws, store, ds):
     assert not bad["length"].ok and bad["length"].detail == "130/120 tokens"
     no_seed = ops.rule_badges("Polyps.", seed=rules.seed, n_tokens=3)
     assert not no_seed[0].ok
-    out = ops.badges_html([ops.Badge("seed", False, "does not start with '<x>'")])
+    out = render.badges_html([ops.Badge("seed", False, "does not start with '<x>'")])
     assert "<x>" not in out and "&lt;x&gt;" in out
 
 
@@ -177,7 +179,7 @@ def test_batch_skips_images_changed_after_preview(store, ds):
     theirs = "An endoscopic image of esophagitis, colleague's words."
     store.edit(ds[1], theirs, reviewer="ben", expected_version=store.current(ds[1]).version)
     result = ops.apply_batch(store, changes, reviewer="ana")
-    assert [i for i, _ in result.conflicts] == [ds[1]]
+    assert [c.image_id for c in result.conflicts] == [ds[1]]
     assert store.current(ds[1]).text == theirs, "the colleague's edit must not be overwritten"
     assert len(result.applied) == 3 and "skipped" in result.summary()
     with pytest.raises(ConfigError):

@@ -340,3 +340,41 @@ def test_reviewer_is_the_logged_in_user_when_auth_is_on(tab_env):
     out = tab.save(ctx, state, "An endoscopic image of polyps, by alice.", view["key"],
                    tab.resolve_reviewer(ctx, alice, "bob"))
     assert "Saved" in out["notice"] and ctx.store.history(ids[0])[-1].reviewer == "alice"
+
+
+def test_user_errors_is_one_convention_for_every_tab():
+    import gradio as gr
+
+    from medart_core.errors import ConfigError
+    from studio.errors import user_errors
+
+    @user_errors
+    def modal(x):
+        raise ConfigError("fix it like this")
+
+    with pytest.raises(gr.Error) as e:
+        modal(1)
+    assert "fix it like this" in str(e.value)
+
+    @user_errors(keep=lambda message, x: ("page kept", message, x))
+    def inline(x):
+        raise ConfigError("fix it like this")
+
+    assert inline(2) == ("page kept", "fix it like this", 2)
+
+    @user_errors
+    def bug():
+        raise ValueError("a bug keeps its traceback")
+
+    with pytest.raises(ValueError):
+        bug()
+
+
+def test_typed_reviewer_name_is_trimmed_to_the_store_limit(tab_env):
+    from medart_core.constants import MAX_REVIEWER_CHARS
+
+    tab, ctx, state, view, ids = tab_env
+    name = tab.resolve_reviewer(ctx, None, "  " + "r" * 100)
+    assert name == "r" * MAX_REVIEWER_CHARS
+    out = tab.save(ctx, state, "An endoscopic image of polyps, long name.", view["key"], name)
+    assert "Saved" in out["notice"] and ctx.store.history(ids[0])[-1].reviewer == name

@@ -1,4 +1,4 @@
-"""Caption store: events, derived state, conflicts, history/restore, batches, caption import."""
+"""Caption store: events, derived state, conflicts, history/restore, batches; caption import (interchange)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from medart_core.captions import (
     MAX_CAPTION_CHARS, STATUSES, CaptionStore, ImageRecord,
 )
 from medart_core.errors import ConfigError, ConflictError, NotFoundError
+from medart_core.interchange import import_captions, import_captions_report
 
 
 def _rec(ds: str, i: int, label: str = "polyp", **source) -> ImageRecord:
@@ -442,7 +443,7 @@ def test_import_captions_jsonl(store, ds, tmp_path):
             {"file_name": recs[2].file_name.split("/")[-1], "text": "from basename"},
             {"file_name": "unknown.png", "text": "nobody"}]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    rep = store.import_captions_report(ds, p)
+    rep = import_captions_report(store, ds, p)
     assert rep.added == 3 and [u[:2] for u in rep.unmatched] == [(4, "unknown.png")]
     assert store.current(ids[0]).text == "from stored name"
     assert store.current(ids[1]).text == 'from original name, with "quotes"'
@@ -463,14 +464,25 @@ def test_import_captions_csv(store, ds, tmp_path):
         w.writerow(["file_name", "text"])
         w.writerow(["scan_0.jpg", "comma, \"quote\"\nand newline"])
         w.writerow(["missing.jpg", "x"])
-    assert store.import_captions(ds, p, source="import") == 1
+    assert import_captions(store, ds, p, source="import") == 1
     assert store.current(ids[0]).text == 'comma, "quote"\nand newline'
     bad = tmp_path / "bad.csv"
     bad.write_text("name,caption\nx,y\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="file_name"):
-        store.import_captions(ds, bad)
+        import_captions(store, ds, bad)
     with pytest.raises(NotFoundError):
-        store.import_captions(ds, tmp_path / "nope.csv")
+        import_captions(store, ds, tmp_path / "nope.csv")
+
+
+def test_reviewer_names_longer_than_the_limit_are_refused(store, img):
+    from medart_core.constants import MAX_REVIEWER_CHARS
+
+    v = store.current(img).version
+    with pytest.raises(ConfigError, match=f"longer than {MAX_REVIEWER_CHARS}"):
+        store.edit(img, "long name", reviewer="r" * (MAX_REVIEWER_CHARS + 1), expected_version=v)
+    assert store.current(img).version == v
+    store.edit(img, "long name", reviewer="r" * MAX_REVIEWER_CHARS, expected_version=v)
+    assert store.current(img).reviewer == "r" * MAX_REVIEWER_CHARS
 
 
 def test_statuses_constant():

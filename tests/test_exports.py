@@ -9,6 +9,7 @@ from PIL import Image
 
 from medart_core.captions import ImageRecord
 from medart_core.errors import ConfigError, NotFoundError
+from medart_core.interchange import export_imagefolder, export_medart_csv, import_captions_report
 
 LABELS = ("polyp", "ulcer", "normal")
 TRICKY = 'Polyp, 5 mm; "sessile"\nsecond line with <script>x</script> and ünïcode'
@@ -45,7 +46,7 @@ def test_imagefolder_round_trip_with_datasets(ws, store, tmp_path):
         _approve(store, i, TRICKY if n == 0 else None)
     store.set_status(ids[-1], "rejected", reviewer="amy", expected_version=store.current(ids[-1]).version)
     out = tmp_path / "export"
-    rep = store.export_imagefolder(ws, "kv", out, val_fraction=0.25, seed=3)
+    rep = export_imagefolder(store, ws, "kv", out, val_fraction=0.25, seed=3)
     assert rep.exported == len(ids) - 2
     assert rep.skipped_by_status == {"pending": 1, "rejected": 1}
     assert rep.splits["train"] + rep.splits["validation"] == rep.exported and rep.splits["validation"] >= 1
@@ -81,8 +82,8 @@ def test_imagefolder_split_is_deterministic_and_copies_files(ws, store, tmp_path
                               (out / split / "metadata.jsonl").read_text().splitlines())
                 for split in ("train", "validation")}
 
-    a = store.export_imagefolder(ws, "kv", tmp_path / "a", val_fraction=0.2, seed=1)
-    b = store.export_imagefolder(ws, "kv", tmp_path / "b", val_fraction=0.2, seed=1)
+    a = export_imagefolder(store, ws, "kv", tmp_path / "a", val_fraction=0.2, seed=1)
+    b = export_imagefolder(store, ws, "kv", tmp_path / "b", val_fraction=0.2, seed=1)
     assert split_names(tmp_path / "a") == split_names(tmp_path / "b")
     assert a.splits == b.splits == {"train": 12, "validation": 3}
     # Stratified: one validation image per label (5 each x 0.2).
@@ -93,7 +94,7 @@ def test_imagefolder_split_is_deterministic_and_copies_files(ws, store, tmp_path
             assert (tmp_path / "a" / split / n).is_file()
     # The export is a copy: deleting it leaves the dataset alone.
     assert all(ws.image_path("kv", store.get_image(i).file_name).is_file() for i in ids)
-    c = store.export_imagefolder(ws, "kv", tmp_path / "c", val_fraction=0.2, seed=2)
+    c = export_imagefolder(store, ws, "kv", tmp_path / "c", val_fraction=0.2, seed=2)
     assert c.splits == a.splits
     assert split_names(tmp_path / "c") != split_names(tmp_path / "a")   # the seed matters
 
@@ -101,10 +102,10 @@ def test_imagefolder_split_is_deterministic_and_copies_files(ws, store, tmp_path
 def test_imagefolder_small_dataset_keeps_train(ws, store, tmp_path):
     ids = _make_dataset(ws, store, n_per_label=1)
     _approve(store, ids[0])
-    rep = store.export_imagefolder(ws, "kv", tmp_path / "one", val_fraction=0.5)
+    rep = export_imagefolder(store, ws, "kv", tmp_path / "one", val_fraction=0.5)
     assert rep.splits == {"train": 1}
     assert not (tmp_path / "one" / "validation").exists()
-    rep_all = store.export_imagefolder(ws, "kv", tmp_path / "all", status="all", val_fraction=0.5)
+    rep_all = export_imagefolder(store, ws, "kv", tmp_path / "all", status="all", val_fraction=0.5)
     assert rep_all.exported == 3 and rep_all.splits["train"] >= 1 and rep_all.skipped_by_status == {}
 
 
@@ -116,26 +117,26 @@ def test_export_refuses_nonempty_dir_and_is_atomic(ws, store, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        store.export_medart_csv(ws, "kv", out)
+        export_medart_csv(store, ws, "kv", out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    rep = store.export_medart_csv(ws, "kv", out, overwrite=True)
+    rep = export_medart_csv(store, ws, "kv", out, overwrite=True)
     assert rep.exported == len(ids) and not (out / "keep.txt").exists()
     # A missing image file aborts the export and leaves neither a partial export nor temp folders.
     ws.image_path("kv", store.get_image(ids[0]).file_name).unlink()
     with pytest.raises(NotFoundError, match="missing"):
-        store.export_imagefolder(ws, "kv", tmp_path / "broken")
+        export_imagefolder(store, ws, "kv", tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "workspace"]
     with pytest.raises(ConfigError):
-        store.export_imagefolder(ws, "kv", tmp_path / "x", val_fraction=1.0)
+        export_imagefolder(store, ws, "kv", tmp_path / "x", val_fraction=1.0)
     with pytest.raises(ConfigError):
-        store.export_imagefolder(ws, "kv", tmp_path / "x", status="done")
+        export_imagefolder(store, ws, "kv", tmp_path / "x", status="done")
 
 
 def test_export_without_approved_captions_explains(ws, store, tmp_path):
     _make_dataset(ws, store, n_per_label=1)
     with pytest.raises(ConfigError, match="approve"):
-        store.export_imagefolder(ws, "kv", tmp_path / "none")
+        export_imagefolder(store, ws, "kv", tmp_path / "none")
 
 
 def test_medart_csv_quoting_round_trip(ws, store, tmp_path):
@@ -144,7 +145,7 @@ def test_medart_csv_quoting_round_trip(ws, store, tmp_path):
     for i, t in texts.items():
         _approve(store, i, t)
     out = tmp_path / "csv"
-    rep = store.export_medart_csv(ws, "kv", out)
+    rep = export_medart_csv(store, ws, "kv", out)
     assert rep.exported == 5 and rep.skipped_by_status == {"pending": 1}
     with (out / "metadata.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -156,4 +157,4 @@ def test_medart_csv_quoting_round_trip(ws, store, tmp_path):
         with Image.open(out / name) as im:
             assert im.size == (8, 6)
     # The export reads back in as captions (file names match the stored basenames).
-    assert store.import_captions_report("kv", out / "metadata.csv").added == 4   # the empty caption is skipped
+    assert import_captions_report(store, "kv", out / "metadata.csv").added == 4   # the empty caption is skipped

@@ -112,11 +112,12 @@ def test_approved_by_default_latest_on_request_and_overlong_counted(ws, store):
 
 def test_exported_imagefolder_as_caption_source(ws, store, tmp_path):
     from medart_core.examples import collect_examples
+    from medart_core.interchange import export_imagefolder
 
     ids = make_dataset(ws, store, n=6)
     for i in ids[:5]:
         store.approve(i, reviewer="r", expected_version=store.current(i).version)
-    store.export_imagefolder(ws, "mini", tmp_path / "exp", val_fraction=0.2, seed=0)
+    export_imagefolder(store, ws, "mini", tmp_path / "exp", val_fraction=0.2, seed=0)
     pool, val = collect_examples(ws, store, small_config(captions=str(tmp_path / "exp")))
     assert len(pool) + len(val) == 5 and len(val) >= 1
     assert all(e.path.is_file() and e.text.startswith("An image of class") for e in pool + val)
