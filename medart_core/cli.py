@@ -15,7 +15,7 @@ from .errors import MedArtError
 
 # Modules that add sub-commands of their own: captioning, training, out-of-process jobs. Each must exist
 # and define ``register_cli(subparsers)``.
-SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train")
+SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train", "medart_core.jobs")
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:

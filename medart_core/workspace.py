@@ -157,8 +157,12 @@ class Workspace:
     def jobs_db(self) -> Path:
         return self.root / "jobs.sqlite"
 
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
     def job_dir(self, job_id: str) -> Path:
-        return self.root / "jobs" / validate_name(job_id, "job id")
+        return self.jobs_dir / validate_name(job_id, "job id")
 
     def feature_cache_dir(self, key: str) -> Path:
         return self.cache_dir / "features" / validate_name(key, "cache key")

@@ -44,6 +44,7 @@ class TabSpec:
 TABS: list[TabSpec] = [
     TabSpec("Dataset", "dataset", "studio.dataset_tab:build_dataset_tab"),
     TabSpec("Captions", "captions", "studio.caption_tab:build_caption_tab"),
+    TabSpec("Fine-tune", "finetune", "studio.finetune_tab:build_finetune_tab"),
 ]
 
 
