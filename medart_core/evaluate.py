@@ -494,3 +494,444 @@ def comparison_table(results: Sequence[EvalResult], reference: EvalResult | None
         if separated:
             best[col] = top["id"]
     return {"rows": rows, "best": best, "reference": ref.id}
+
+
+# =========================================================================================================
+# Evaluation images from checkpoints (generated once per checkpoint, prompt, seed and sampler settings)
+# =========================================================================================================
+def checkpoint_sha256(ws: Workspace, ref: str) -> str:
+    """sha256 of a checkpoint's adapters file ("base" for the base model)."""
+    from .generate import resolve_checkpoint
+
+    ck = resolve_checkpoint(ws, ref)
+    return "base" if ck is None else ck.sha256
+
+
+def generator_source(ws: Workspace, generator: Any, spec: EvalSpec, *, batch_size: int = 8,
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> ImageSource:
+    """An ImageSource over a ``generate.Generator``: PNG + JSON sidecar per (checkpoint, prompt, seed) under
+    ``W/samples/eval/<settings key>/``; images already there (same adapters sha256, backbone, sampler
+    settings) are reused, so a second evaluation of the same checkpoint generates nothing."""
+    from .pixart import to_pil
+
+    def images_for(ref: str, prompts: list[str], seeds: list[int]) -> list[Path]:
+        sha = checkpoint_sha256(ws, ref)
+        settings = {"checkpoint_sha256": sha, "backbone": str(generator.spec), "steps": spec.steps,
+                    "guidance": spec.guidance, "negative": spec.negative_prompt, "strength": spec.adapter_strength,
+                    "sampler": "DPM-Solver++(2M)", "format": EVAL_FORMAT}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        folder = ws.samples_dir / "eval" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{hashlib.sha256(p.encode()).hexdigest()[:16]}-{s}.png" for p, s in zip(prompts, seeds)]
+        todo = [i for i, p in enumerate(paths) if not (p.is_file() and p.with_suffix(".json").is_file())]
+        if todo:
+            generator.use(ref, spec.adapter_strength)
+        done = 0
+        for j in range(0, len(todo), batch_size):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("evaluation stopped")
+            chunk = todo[j:j + batch_size]
+            imgs = generator.sample([prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                                    negative=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance)
+            for i, im in zip(chunk, to_pil(imgs)):
+                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
+                im.save(tmp, format="PNG")
+                tmp.replace(paths[i])
+                atomic_write_text(paths[i].with_suffix(".json"), json.dumps(
+                    {**settings, "checkpoint": ref, "prompt": prompts[i], "seed": seeds[i],
+                     "is_random": bool(generator.is_random), "packages": package_versions()}, indent=1))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(todo))
+        return paths
+
+    return images_for
+
+
+def run_evaluation(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[str], *,
+                   backbone: str | None = None, log: Callable[[str], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[EvalResult]:
+    """``evaluate`` with evaluation images from the shared generator of ``backbone`` (default: the first
+    named run's training backbone, else $MEDART_BACKBONE, else tiny)."""
+    from .generate import default_backbone, get_generator
+
+    if not checkpoints:
+        raise ConfigError("Name at least one checkpoint to evaluate (base, RUN or RUN@STEP).")
+    spec_bb = backbone or default_backbone(ws, next((c for c in checkpoints if c != "base"), "base"))
+    gen = get_generator(ws, spec_bb)
+    source = generator_source(ws, gen, spec, progress=progress, should_stop=should_stop)
+    return evaluate(ws, store, spec, checkpoints, images_for=source,
+                    checkpoint_sha256=lambda ck: checkpoint_sha256(ws, ck), backbone=spec_bb, log=log)
+
+
+# =========================================================================================================
+# Text tables (the CLI prints what the Compare tab shows) and the CLI
+# =========================================================================================================
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def format_comparison(table: dict[str, Any]) -> str:
+    """Checkpoints × metrics with intervals; '*' marks a best value outside the others' intervals; rows of
+    another profile are listed apart with the reason, unranked."""
+    head = f"{'checkpoint':<28} {'FD':>10} {'FD 95% CI':>21} {'KID':>10} {'±':>8} {'prec':>6} {'rec':>6} {'dens':>6} {'cov':>6}"
+    lines = [head, "-" * len(head)]
+    best = table.get("best", {})
+    other = []
+    for r in table["rows"]:
+        if not r["comparable"]:
+            other.append(r)
+            continue
+        mark = {k: "*" if best.get(k) == r["id"] else " " for k in LOWER_IS_BETTER}
+        ci = f"[{_fmt(r['fd_ci'][0])}, {_fmt(r['fd_ci'][1])}]" if r.get("fd_ci") else "—"
+        name = r["checkpoint"] + (" (random weights)" if r.get("random_weights") else "")
+        lines.append(f"{name:<28} {_fmt(r['fd']):>9}{mark['fd']} {ci:>21} {_fmt(r['kid']):>9}{mark['kid']} "
+                     f"{_fmt(r['kid_std'], 2):>8} {_fmt(r['precision'], 3):>6} {_fmt(r['recall'], 3):>6} "
+                     f"{_fmt(r['density'], 3):>6} {_fmt(r['coverage'], 3):>6}")
+    for r in other:
+        lines.append(f"{r['checkpoint']:<28} not comparable: {r['reason']}")
+    return "\n".join(lines)
+
+
+def format_blind_results(res: dict[str, Any]) -> str:
+    lines = [f"study {res['study']} ({res['kind']}): {res['pairs']} pairs, {res['votes']} votes by "
+             f"{len(res['reviewers'])} reviewer(s)", f"{'source':<28} {'wins':>5} {'win rate':>9} {'95% CI':>16}"]
+    for r in res["rows"]:
+        lines.append(f"{r['source']:<28} {r['wins']:>5} {_fmt(r['win_rate'], 3):>9} "
+                     f"{'[' + _fmt(r['ci'][0], 3) + ', ' + _fmt(r['ci'][1], 3) + ']':>16}")
+    if "synthetic_taken_for_real" in res:
+        f = res["synthetic_taken_for_real"]
+        lines.append(f"synthetic taken for real: {f['count']} of {res['preferences']} ({_fmt(f['rate'], 3)}, "
+                     f"95% CI [{_fmt(f['ci'][0], 3)}, {_fmt(f['ci'][1], 3)}])")
+    return "\n".join(lines)
+
+
+def _cmd_evaluate(args: Any) -> int:
+    from .captions import CaptionStore
+
+    ws = Workspace.open(args.workspace)
+    store = CaptionStore.for_workspace(ws)
+    spec = EvalSpec(dataset=args.dataset, extractor=args.extractor, extractor_weights=args.weights,
+                    per_class=args.per_class, captions=args.captions, steps=args.steps, guidance=args.guidance,
+                    size=args.size, seed=args.seed,
+                    classes=[c for c in args.classes.split(",") if c] if args.classes else None)
+    refs = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    results = run_evaluation(ws, store, spec, refs, backbone=args.backbone,
+                             log=None if args.json else (lambda m: print(m, flush=True)))
+    table = comparison_table(results)
+    if args.json:
+        for r in results:
+            print(json.dumps({"id": r.id, "checkpoint": r.profile["checkpoint"], "overall": r.metrics["overall"],
+                              "profile": r.profile}, sort_keys=True))
+    else:
+        print(format_comparison(table))
+        for w in results[0].metrics["overall"].get("warnings", []):
+            print(f"warning: {w}")
+    return 0
+
+
+def _cmd_review_results(args: Any) -> int:
+    from .blind import ReviewStore
+
+    ws = Workspace.open(args.workspace)
+    results = load_results(ws)
+    if args.dataset:
+        results = [r for r in results if r.profile.get("dataset") == args.dataset]
+    if results:
+        print(format_comparison(comparison_table(results)))
+    else:
+        print("no evaluation results yet (python -m medart_core evaluate ...)")
+    rs = ReviewStore.for_workspace(ws)
+    for st in rs.studies():
+        print()
+        print(format_blind_results(rs.results(st["name"])))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """``evaluate`` and ``review-results``."""
+    p = subparsers.add_parser("evaluate", help="FD/KID/PRDC of checkpoints under one recorded protocol")
+    p.add_argument("--workspace", "-w", default=None)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--checkpoints", required=True, help="comma-separated: base,RUN,RUN@STEP")
+    p.add_argument("--extractor", default="domain", choices=("inception", "dinov2", "domain"))
+    p.add_argument("--weights", default=None, help="Inception weights file, or DINOv2 Hub id / folder")
+    p.add_argument("--backbone", default=None, help="backbone to generate with (default: the run's)")
+    p.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--captions", default="approved", choices=("approved", "latest"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--size", type=int, default=64, help="preparation size S for real and generated images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("review-results", help="print the comparison and blind-review tables")
+    p.add_argument("--workspace", "-w", default=None)
+    p.add_argument("--dataset", default=None)
+    p.set_defaults(func=_cmd_review_results)
+
+
+# ---- as a job -----------------------------------------------------------------------------------------------
+def run_evaluate_job(ctx: Any) -> dict[str, Any]:
+    """The ``evaluate`` job kind: config {"spec": EvalSpec fields, "checkpoints": [...], "backbone": ...}."""
+    from .captions import CaptionStore
+
+    spec = EvalSpec(**ctx.config.get("spec", {}))
+    store = CaptionStore.for_workspace(ctx.ws)
+    results = run_evaluation(ctx.ws, store, spec, list(ctx.config["checkpoints"]),
+                             backbone=ctx.config.get("backbone"), log=ctx.log,
+                             progress=lambda d, t: ctx.progress(step=d, total=t), should_stop=ctx.should_stop)
+    return {"results": [r.id for r in results]}
+
+
+def prepare_evaluate_job(ws: Workspace, config: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    """Validate an ``evaluate`` job's config at submit time: {"spec": {...}, "checkpoints": [...], "backbone"}."""
+    unknown = sorted(set(config) - {"spec", "checkpoints", "backbone"})
+    if unknown:
+        raise ConfigError(f"Unknown evaluate job keys {unknown}; use 'spec', 'checkpoints' and 'backbone'.")
+    try:
+        spec = EvalSpec(**dict(config.get("spec") or {}))
+    except TypeError as e:
+        raise ConfigError(f"Invalid evaluation spec: {e}") from None
+    refs = [str(c) for c in config.get("checkpoints") or []]
+    if not refs:
+        raise ConfigError("Name at least one checkpoint to evaluate (base, RUN or RUN@STEP).")
+    from .generate import resolve_checkpoint
+
+    for r in refs:
+        resolve_checkpoint(ws, r)
+    return {"spec": dataclasses.asdict(spec), "checkpoints": refs, "backbone": config.get("backbone")}, None
+
+
+# =========================================================================================================
+# Saved results, as the Compare tab and the CLI use them: what to compare, the eval set behind a result,
+# side-by-side grids and blind-review studies made from results
+# =========================================================================================================
+# Profile fields that decide the pixels of an evaluation image (besides the checkpoint): results that agree on
+# them hold the same (prompt, seed) images per row, whatever extractor measured them.
+IMAGE_PROFILE_KEYS = ("dataset", "eval_set_sha256", "sampler", "steps", "guidance", "negative_prompt",
+                      "adapter_strength", "backbone")
+
+
+def checkpoint_order(ref: str) -> tuple[int, str, int]:
+    """Sort key for checkpoint refs: base first, then runs by name and step, anything else last."""
+    if ref == "base":
+        return (0, "", 0)
+    run, sep, step = ref.partition("@")
+    if sep and step.isdigit():
+        return (1, run, int(step))
+    return (2, ref, 0)
+
+
+def _newest(results: Sequence[EvalResult]) -> EvalResult:
+    return max(results, key=lambda r: (str(r.profile.get("created_at", "")), r.id))
+
+
+def select_for_comparison(results: Sequence[EvalResult], *, checkpoints: Sequence[str] | None = None,
+                          dataset: str | None = None) -> tuple[list[EvalResult], EvalResult | None]:
+    """One saved result per checkpoint for the comparison table, and the reference: the newest result, whose
+    profile the others must match. For each checkpoint its newest result comparable with the reference, else
+    its newest (shown greyed out). Ordered base, then runs by name and step: never by a metric."""
+    pool = [r for r in results if (dataset is None or r.profile.get("dataset") == dataset)
+            and (not checkpoints or r.profile.get("checkpoint") in checkpoints)]
+    if not pool:
+        return [], None
+    ref = _newest(pool)
+    by_ck: dict[str, list[EvalResult]] = {}
+    for r in pool:
+        by_ck.setdefault(str(r.profile.get("checkpoint")), []).append(r)
+    chosen = []
+    for rs in by_ck.values():
+        comparable = [r for r in rs if not profile_mismatch(ref.profile, r.profile)]
+        chosen.append(_newest(comparable or rs))
+    chosen.sort(key=lambda r: (checkpoint_order(str(r.profile.get("checkpoint"))), r.id))
+    return chosen, ref
+
+
+def spec_from_profile(profile: dict[str, Any]) -> EvalSpec:
+    """The EvalSpec a result was measured with, as far as its profile records it (everything that builds the
+    eval set and the images; kid/bootstrap settings keep their defaults)."""
+    import re
+
+    m = re.fullmatch(r"per class up to (\d+) \(seed (-?\d+)\)", str(profile.get("real_split", "")))
+    if not m:
+        raise ConfigError(f"This result's profile has no readable real split ({profile.get('real_split')!r}); "
+                          "re-run the evaluation.")
+    return EvalSpec(dataset=profile["dataset"], classes=list(profile.get("classes") or []) or None,
+                    per_class=int(m[1]), seed=int(m[2]), captions=profile.get("captions", "approved"),
+                    extractor=profile.get("extractor", "domain"), size=int(profile.get("size", 64)),
+                    steps=int(profile.get("steps", 20)), guidance=float(profile.get("guidance", 4.5)),
+                    negative_prompt=profile.get("negative_prompt", ""),
+                    adapter_strength=float(profile.get("adapter_strength", 1.0)))
+
+
+def result_eval_items(ws: Workspace, store: Any, res: EvalResult) -> list[EvalItem]:
+    """The evaluation set behind a saved result, aligned with ``res.images``: for each generated image its real
+    twin (path, class, pixel hash), prompt and seed. Rebuilt from the profile while the dataset and captions
+    are unchanged (the eval-set digest matches); otherwise from the images' sidecars (prompt, seed), the real
+    twin found by its seed (``derive_seed(seed, 'eval-seed', pixel hash)``)."""
+    from .errors import MedArtError
+
+    spec = spec_from_profile(res.profile)
+    try:
+        es = build_eval_set(ws, store, spec)
+        if es.digest() == res.profile.get("eval_set_sha256") and len(es.items) == len(res.images):
+            return es.items
+    except MedArtError:
+        pass
+    by_seed = {derive_seed(spec.seed, "eval-seed", r.pixel_hash, bits=31): r for r in store.list_images(spec.dataset)}
+    items = []
+    for p in res.images:
+        side = Path(p).with_suffix(".json")
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise NotFoundError(f"The sidecar {side} of an evaluation image is missing and the eval set has changed "
+                                "since; re-run the evaluation.") from None
+        rec = by_seed.get(int(meta["seed"]))
+        if rec is None:
+            raise NotFoundError(f"The real image behind {Path(p).name} is no longer in dataset {spec.dataset!r}; "
+                                "re-run the evaluation.")
+        items.append(EvalItem(key=f"img-{rec.id}", label=rec.label, path=ws.image_path(spec.dataset, rec.file_name),
+                              pixel_hash=rec.pixel_hash, prompt=str(meta["prompt"]), seed=int(meta["seed"])))
+    return items
+
+
+def is_random_backbone(profile: dict[str, Any]) -> bool:
+    """Images of this result come from a backbone with seeded random weights (``tiny``/``small``)."""
+    from .backbone import PRESETS
+
+    return str(profile.get("backbone")) in PRESETS
+
+
+@dataclass
+class SideBySide:
+    """Checkpoints (columns) × (prompt, seed) rows, each row with the real image its prompt came from."""
+
+    columns: list[EvalResult]
+    items: list[EvalItem]
+    excluded: list[tuple[str, str]]       # (checkpoint, why it is not a column)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [str(r.profile["checkpoint"]) for r in self.columns]
+
+    def image(self, row: int, col: int) -> str:
+        return self.columns[col].images[row]
+
+
+def side_by_side(ws: Workspace, store: Any, results: Sequence[EvalResult],
+                 reference: EvalResult | None = None) -> SideBySide:
+    """The grid of ``results`` (one column per checkpoint, in the given order): only results whose images were
+    made like the reference's (IMAGE_PROFILE_KEYS: the same eval set, sampler and settings) join, and each
+    column is checked to hold the same (prompt, seed) in every row (an image's file name encodes both)."""
+    if not results:
+        return SideBySide([], [], [])
+    ref = reference or results[0]
+    names = [Path(p).name for p in ref.images]
+    cols, excluded, seen = [], [], set()
+    for r in results:
+        ck = str(r.profile.get("checkpoint"))
+        diff = [k for k in IMAGE_PROFILE_KEYS if r.profile.get(k) != ref.profile.get(k)]
+        if ck in seen:
+            continue
+        if diff:
+            excluded.append((ck, "images made differently: " + ", ".join(diff)))
+        elif [Path(p).name for p in r.images] != names:
+            excluded.append((ck, "different (prompt, seed) per row"))
+        else:
+            cols.append(r)
+            seen.add(ck)
+    return SideBySide(cols, result_eval_items(ws, store, ref), excluded)
+
+
+def export_grid_png(ws: Workspace, grid: SideBySide, rows: Sequence[int] | None = None, *, cell: int = 160,
+                    path: str | Path | None = None) -> Path:
+    """The side-by-side grid as one PNG (default under ``W/exports/compare-grids/``): a header naming the
+    columns (real, then the checkpoints), one row per (prompt, seed) labelled with its class and seed, and
+    the random-weight label when the images come from a random-weight backbone."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .constants import RANDOM_LABEL
+    from .extractors import prepare_image
+
+    rows = list(range(len(grid.items))) if rows is None else list(rows)
+    if not grid.columns or not rows:
+        raise ConfigError("Nothing to export: load results with at least one checkpoint and one row first.")
+    try:
+        font = ImageFont.load_default(size=max(10, cell // 11))
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    label_w, head_h, pad = cell, max(28, cell // 5), 4
+    random = any(is_random_backbone(c.profile) for c in grid.columns)
+    top = head_h * (2 if random else 1)
+    ncol = 1 + len(grid.columns)
+    W, H = label_w + ncol * (cell + pad), top + len(rows) * (cell + pad)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if random:
+        draw.text((pad, pad), f"{RANDOM_LABEL}: generated images are noise, numbers a smoke test", fill=(180, 83, 9),
+                  font=font)
+    for j, name in enumerate(["real"] + grid.checkpoints):
+        draw.text((label_w + j * (cell + pad) + pad, top - head_h + pad), name, fill=(0, 0, 0), font=font)
+    for i, r in enumerate(rows):
+        it = grid.items[r]
+        y = top + i * (cell + pad)
+        draw.text((pad, y + pad), f"{it.label}\nseed {it.seed}", fill=(0, 0, 0), font=font)
+        paths = [str(it.path)] + [grid.image(r, c) for c in range(len(grid.columns))]
+        for j, p in enumerate(paths):
+            with Image.open(p) as im:
+                canvas.paste(prepare_image(im, cell), (label_w + j * (cell + pad), y))
+    if path is None:
+        folder = ws.exports_dir / "compare-grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(repr([c.id for c in grid.columns] + rows).encode()).hexdigest()[:6]
+        path = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{digest}.png"
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def create_blind_study(ws: Workspace, store: Any, reviews: Any, name: str, kind: str, a: EvalResult,
+                       b: EvalResult | None = None, *, seed: int = 0, created_by: str | None = None) -> int:
+    """A blind-review study from saved results. ``checkpoints``: image i of ``a`` against image i of ``b`` (the
+    same prompt and seed; both made like each other, see :func:`side_by_side`). ``real-vs-synthetic``: the real
+    image behind each generated image of ``a`` against it (source A is ``real``). The study name is shown to
+    reviewers, so it may not name a source."""
+    import re
+
+    items = result_eval_items(ws, store, a)
+    ck_a = str(a.profile["checkpoint"])
+    if kind == "checkpoints":
+        if b is None:
+            raise ConfigError("A checkpoint study needs two results (A and B).")
+        ck_b = str(b.profile["checkpoint"])
+        if ck_a == ck_b:
+            raise ConfigError(f"Both results are of {ck_a}: pick two different checkpoints.")
+        grid = side_by_side(ws, store, [a, b])
+        if len(grid.columns) != 2:
+            raise ConfigError(f"{ck_b} cannot be paired with {ck_a}: {grid.excluded[0][1]}; evaluate both with one "
+                              "profile.")
+        sources, images = (ck_a, ck_b), (a.images, b.images)
+    elif kind == "real-vs-synthetic":
+        sources, images = ("real", ck_a), ([str(it.path) for it in items], a.images)
+    else:
+        raise ConfigError(f"study kind must be 'checkpoints' or 'real-vs-synthetic', got {kind!r}.")
+    words = {s for s in sources if s != "real"} | {s.partition("@")[0] for s in sources if "@" in s}
+    for w in words:
+        if re.search(rf"(?<![\w@]){re.escape(w)}(?![\w@])", name or "", flags=re.IGNORECASE):
+            raise ConfigError(f"The study name is shown to reviewers and must not name a source ({w!r}); choose a "
+                              "neutral name such as 'study-3'.")
+    return reviews.create_study(name, kind, sources[0], sources[1], images[0], images[1],
+                                prompts=[it.prompt for it in items], seed=seed, created_by=created_by,
+                                meta={"results": [a.id] + ([b.id] if b is not None and kind == "checkpoints" else [])})

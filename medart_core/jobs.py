@@ -224,19 +224,30 @@ class JobKind:
 _KINDS: dict[str, JobKind] = {}
 
 
-def register_kind(name: str, run_fn: Callable[["JobContext"], dict | None], uses_gpu: bool = True, *,
-                  prepare: Callable[[Workspace, dict], tuple[dict, str | None]] | None = None) -> JobKind:
+def register_kind(name: str, run_fn: Callable[["JobContext"], dict | None] | str, uses_gpu: bool = True, *,
+                  prepare: Callable[[Workspace, dict], tuple[dict, str | None]] | str | None = None) -> JobKind:
     """Make ``name`` submittable. ``run_fn(ctx)`` runs in the job process and returns a JSON-able dict
     (``{"status": "stopped"}`` when it stopped early on ``ctx.should_stop()``); it must be a module-level
-    function (the job process imports it by name). ``prepare(ws, config) -> (config, run)`` validates and
-    normalises the config at submit time, in the submitter, so mistakes fail before anything is queued."""
+    function (the job process imports it by name), or its ``"module:function"`` name, which registers a kind
+    without importing its module. ``prepare(ws, config) -> (config, run)`` (a function or its name) validates
+    and normalises the config at submit time, in the submitter, so mistakes fail before anything is queued."""
     validate_name(name, "job kind")
-    qual = getattr(run_fn, "__qualname__", "")
-    if "<" in qual or not getattr(run_fn, "__module__", None):
-        raise ConfigError(f"Job kind {name!r}: run_fn must be a module-level function (got {qual!r}).")
-    module = run_fn.__module__
+    if isinstance(run_fn, str):
+        module, _, qual = run_fn.partition(":")
+        if not module or not qual:
+            raise ConfigError(f"Job kind {name!r}: a target name must read 'module:function', got {run_fn!r}.")
+    else:
+        qual = getattr(run_fn, "__qualname__", "")
+        if "<" in qual or not getattr(run_fn, "__module__", None):
+            raise ConfigError(f"Job kind {name!r}: run_fn must be a module-level function (got {qual!r}).")
+        module = run_fn.__module__
     if module == "__main__":
         raise ConfigError(f"Job kind {name!r}: run_fn must live in an importable module, not __main__.")
+    if isinstance(prepare, str):
+        target = prepare
+
+        def prepare(ws: Workspace, config: dict, _target: str = target) -> tuple[dict, str | None]:
+            return _resolve_target(_target)(ws, config)
     kind = JobKind(name, f"{module}:{qual}", bool(uses_gpu), prepare)
     _KINDS[name] = kind
     return kind
@@ -1473,6 +1484,11 @@ def run_sleep_job(ctx: JobContext) -> dict[str, Any]:
 if __name__ != "__main__":   # as `python -m medart_core.jobs`, the canonical module (imported below) registers
     register_kind("train", run_train_job, uses_gpu=True, prepare=prepare_train)
     register_kind("sleep", run_sleep_job, uses_gpu=False, prepare=prepare_sleep)
+    # Kinds of other stages, by name: their modules load only when such a job is submitted or run.
+    register_kind("evaluate", "medart_core.evaluate:run_evaluate_job", uses_gpu=True,
+                  prepare="medart_core.evaluate:prepare_evaluate_job")
+    register_kind("generate", "medart_core.generate:run_generate_job", uses_gpu=True,
+                  prepare="medart_core.generate:prepare_generate_job")
 
 
 # =========================================================================================================

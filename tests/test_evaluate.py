@@ -173,3 +173,42 @@ def test_downstream_utility_and_memorisation(sample):
     feats = torch.randn(10, 8, dtype=torch.float64)
     mem = E.nearest_training_images(feats[:3], feats, threshold=0.99)
     assert mem["flagged"] == [0, 1, 2] and mem["nearest"] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_run_evaluation_of_base_and_a_checkpoint_reuses_images_and_cli_prints_the_table(sample, capsys):
+    """Real generation from the tiny base and a cpu-smoke checkpoint: seed-matched prompts in both, images
+    reused on a second evaluation, and the CLI prints the same table."""
+    from medart_core.cli import main
+    from medart_core.train import TrainConfig, train
+
+    ws, store = sample
+    if not (ws.runs_dir / "ev").is_dir():
+        train(TrainConfig.from_preset("cpu-smoke", captions="latest", max_steps=2, checkpoint_every=2,
+                                      validate_every=100, export_merged=False), ws, store, run_name="ev",
+              log=lambda m: None)
+    spec = E.EvalSpec(dataset="sample", per_class=2, captions="latest", n_boot=5, kid_subsets=5, min_samples=2,
+                      steps=3)
+    base, run = E.run_evaluation(ws, store, spec, ["base", "ev@2"])
+    assert run.profile["checkpoint_sha256"] != "base" and base.profile["checkpoint_sha256"] == "base"
+    assert E.profile_mismatch(base.profile, run.profile) == []
+    assert len(base.images) == len(run.images) == len(E.build_eval_set(ws, store, spec).items)
+    assert [Path(p).name for p in base.images] == [Path(p).name for p in run.images]  # same (prompt, seed)
+    assert base.images != run.images
+    side = Path(run.images[0]).with_suffix(".json")
+    import json as _json
+
+    meta = _json.loads(side.read_text())
+    assert meta["checkpoint"] == "ev@2" and meta["is_random"] is True and meta["seed"] > 0
+    mtimes = [Path(p).stat().st_mtime_ns for p in run.images]
+    (again,) = E.run_evaluation(ws, store, spec, ["ev@2"])
+    assert [Path(p).stat().st_mtime_ns for p in again.images] == mtimes, "images are reused, not regenerated"
+    assert again.metrics["overall"]["fd"] == run.metrics["overall"]["fd"]
+    capsys.readouterr()
+    assert main(["evaluate", "--workspace", str(ws.root), "--dataset", "sample", "--checkpoints", "base,ev@2",
+                 "--per-class", "2", "--captions", "latest", "--steps", "3", "--json"]) == 0
+    lines = [_json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["checkpoint"] for x in lines] == ["base", "ev@2"]
+    assert main(["review-results", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "ev@2" in out and "FD" in out
