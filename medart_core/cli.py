@@ -13,9 +13,10 @@ from typing import Sequence
 
 from .errors import MedArtError
 
-# Modules that add sub-commands of their own: captioning, training, out-of-process jobs. Each must exist
+# Modules that add sub-commands of their own: captioning, training, out-of-process jobs, users. Each must exist
 # and define ``register_cli(subparsers)``.
-SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train", "medart_core.jobs")
+SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train", "medart_core.jobs", "medart_core.generate",
+                      "medart_core.evaluate")
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,291 @@
+"""Generate tab: prompts (or a dataset class's approved captions) → images from the base model or any
+checkpoint, with the seed shown, every image a lossless PNG with a sidecar; reuse or regenerate a past one.
+
+The work is ``medart_core.generate``: one shared :class:`~medart_core.generate.Generator` per backbone keeps
+the base model resident and swaps adapters, so switching checkpoints here costs an adapter load, not a model
+load. A few images are sampled inside the handler with ``gr.Progress``; big grids belong in a ``generate``
+job. Handlers are plain functions of ``(ctx, inputs)`` so tests call them directly; every one is wrapped in
+``studio.errors.user_errors`` (a library error becomes a ``gr.Error`` message, not a traceback).
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from medart_core import generate as G
+from medart_core.constants import MAX_TOKENS, RANDOM_LABEL
+from medart_core.errors import MedArtError
+
+from .context import StudioContext
+from .errors import user_errors
+
+MAX_PROMPTS = 16          # lines of the prompt box sampled in one click (each line is a prompt)
+MAX_IMAGES = 64           # per click; more is a job
+RECENT = 40               # past images offered for "reuse these settings"
+_TOKENIZERS: dict[str, tuple[Any, str]] = {}
+
+
+# ---- handlers: plain functions of (ctx, inputs) ------------------------------------------------------------
+def tokenizer_for(ctx: StudioContext) -> tuple[Any, str]:
+    """The tokenizer prompts are counted with, and how the UI names it (cheap: no model weights)."""
+    spec = ctx.backbone_spec or "tiny"
+    if spec not in _TOKENIZERS:
+        from medart_core.backbone import load_tokenizer
+
+        try:
+            _TOKENIZERS[spec] = (load_tokenizer(spec), G.tokenizer_label(spec))
+        except MedArtError:
+            _TOKENIZERS[spec] = (load_tokenizer("tiny"), "the project's tiny Unigram tokenizer (the backbone's own "
+                                                         "T5 tokenizer is not available offline), not T5's")
+    return _TOKENIZERS[spec]
+
+
+def split_prompts(text: str | None) -> list[str]:
+    """One prompt per non-empty line of the prompt box."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def token_counter(ctx: StudioContext, text: str | None) -> str:
+    """Per prompt line: "n / 120 tokens", and what truncation would cut; names the tokenizer counting."""
+    from medart_core.caption_ops import token_preview
+
+    tok, name = tokenizer_for(ctx)
+    lines = split_prompts(text) or [""]
+    rows = []
+    for i, p in enumerate(lines[:MAX_PROMPTS]):
+        pv = token_preview(tok, p.lower(), MAX_TOKENS)
+        cls = "gen-tok-over" if pv.over else "gen-tok-ok"
+        shown = pv.cut if len(pv.cut) <= 120 else f"{pv.cut[:80]} … {pv.cut[-36:]}"
+        cut = f" — over: never seen: <i>{html.escape(shown)}</i>" if pv.over else ""
+        head = f"prompt {i + 1}: " if len(lines) > 1 else ""
+        rows.append(f'<div class="{cls}">{head}<b>{pv.n_tokens}</b> / {MAX_TOKENS} tokens{cut}</div>')
+    return (f'<div class="gen-tokens">{"".join(rows)}<div class="gen-tok-by">counted with '
+            f"{html.escape(name)}</div></div>")
+
+
+def banner(ctx: StudioContext) -> str:
+    if ctx.backbone_is_random:
+        return (f"**Backbone** {ctx.backbone_label()} — <span class='medart-random'>⚠ {RANDOM_LABEL}: its images "
+                "are noise from random weights, for trying the studio out; every image below says so.</span>")
+    return f"**Backbone** {ctx.backbone_label()}"
+
+
+def checkpoint_choices(ctx: StudioContext) -> list[str]:
+    return G.list_checkpoint_refs(ctx.ws)
+
+
+def recent_choices(ctx: StudioContext) -> list[tuple[str, str]]:
+    """(label, sidecar path) of the newest generated images."""
+    out = []
+    for p in G.recent_sidecars(ctx.ws, RECENT):
+        try:
+            s = G.read_sidecar(p)
+        except MedArtError:
+            continue
+        out.append((f"{p.parent.name}/{p.stem} · {s['checkpoint']} · seed {s['seed']} · {s['prompt'][:40]}", str(p)))
+    return out
+
+
+def dataset_choices(ctx: StudioContext) -> list[str]:
+    return [d.name for d in ctx.store.list_datasets()]
+
+
+def class_choices(ctx: StudioContext, dataset: str | None) -> list[str]:
+    return list(ctx.store.labels(dataset)) if dataset else []
+
+
+def caption_choices(ctx: StudioContext, dataset: str | None, label: str | None) -> list[str]:
+    """The distinct approved captions of one class (what training used, so the natural test prompts)."""
+    if not dataset or not label:
+        return []
+    texts = [s.text for s in ctx.store.states(dataset, label=label, status="approved") if s.text]
+    return list(dict.fromkeys(texts))[:200]
+
+
+def _gallery(imgs: list[G.GeneratedImage]) -> list[tuple[str, str]]:
+    return [(str(i.path), i.caption) for i in imgs]
+
+
+def _details(imgs: list[G.GeneratedImage]) -> list[dict[str, Any]]:
+    return [{"path": str(i.path), "sidecar": str(i.sidecar), "prompt": i.prompt, "seed": i.seed,
+             "checkpoint": i.checkpoint, "sha256": i.sha256, "is_random": i.is_random,
+             "label": RANDOM_LABEL if i.is_random else None, "warnings": i.warnings} for i in imgs]
+
+
+def _summary(imgs: list[G.GeneratedImage], what: str) -> str:
+    if not imgs:
+        return ""
+    s = imgs[0].settings
+    seed = f"seed **{s['request_seed']}**" + (" (drawn at random)" if s.get("seed_was_random") else "")
+    lines = [f"{what} {len(imgs)} image(s) · {seed} ({G.SEED_RULE}) · checkpoint **{s['checkpoint']}**"
+             f"{' · strength %g' % s['strength'] if s['checkpoint'] != G.BASE else ''} · {s['steps']} steps · "
+             f"guidance {s['guidance']:g} · {s['resolution']} px · `{imgs[0].path.parent}`"]
+    if imgs[0].is_random:
+        lines.append(f"<span class='medart-random'>⚠ {RANDOM_LABEL}: these images are noise.</span>")
+    if "matches_original" in s:
+        lines.append("Byte-equal to the original." if s["matches_original"] else
+                     "⚠ Not byte-equal to the original (other hardware or software versions?).")
+    lines += [f"⚠ {html.escape(w)}" for w in dict.fromkeys(w for i in imgs for w in i.warnings)]
+    return "\n\n".join(lines)
+
+
+def run_generate(ctx: StudioContext, prompt: str, negative: str, checkpoint: str, strength: float, steps: int,
+                 guidance: float, seed: int | float | None, random_seed: bool, n: int, resolution: int | float | None,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate ``n`` images per prompt line; returns gallery items, the summary, the seed used, details."""
+    prompts = split_prompts(prompt)
+    if not prompts:
+        raise gr.Error("Type a prompt (one per line for several), or pick a class caption below.")
+    if len(prompts) > MAX_PROMPTS or len(prompts) * int(n) > MAX_IMAGES:
+        raise gr.Error(f"At most {MAX_PROMPTS} prompts and {MAX_IMAGES} images per click; submit a generate job "
+                       "for bigger grids.")
+    req = G.GenerationRequest(prompts=prompts, negative=negative or "", checkpoint=checkpoint or G.BASE,
+                              strength=float(strength), steps=int(steps), guidance=float(guidance),
+                              seed=None if random_seed or seed is None else int(seed), n=int(n),
+                              resolution=int(resolution) if resolution else None)
+    imgs = G.get_generator(ctx.ws, ctx.backbone_spec).generate(req, progress=progress)
+    return {"gallery": _gallery(imgs), "summary": _summary(imgs, "Generated"),
+            "seed": imgs[0].settings["request_seed"], "details": _details(imgs)}
+
+
+def reuse_settings(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
+    """A past image's settings, to put back into the form (seed fixed, one image)."""
+    if not sidecar:
+        raise gr.Error("Pick a past image first.")
+    r = G.load_settings(sidecar)
+    return {"prompt": r.prompts[0], "negative": r.negative, "checkpoint": r.checkpoint, "strength": r.strength,
+            "steps": r.steps, "guidance": r.guidance, "seed": r.seed, "random": False, "n": 1,
+            "resolution": r.resolution, "notice": f"Loaded the settings of `{Path(sidecar).name}` "
+                                                 f"(seed {r.seed}, {r.checkpoint})."}
+
+
+def run_regenerate(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
+    if not sidecar:
+        raise gr.Error("Pick a past image first.")
+    s = G.read_sidecar(sidecar)
+    img = G.get_generator(ctx.ws, s["backbone"]).regenerate(sidecar)
+    return {"gallery": _gallery([img]), "summary": _summary([img], "Regenerated"), "details": _details([img])}
+
+
+# ---- UI --------------------------------------------------------------------------------------------------
+CSS = """
+.gen-tokens {font-size: 0.9em;} .gen-tok-over {color: #b91c1c;} .gen-tok-by {color: #6b7280; font-size: 0.85em;}
+"""
+
+
+def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Build the Generate tab inside the caller's ``gr.Tab``; returns its components by name."""
+    ctx.ws.samples_dir.mkdir(parents=True, exist_ok=True)
+    # Only generated samples are served from here (PNG paths, never re-encoded to webp).
+    gr.set_static_paths([str(ctx.ws.samples_dir)])
+    tokenizer_for(ctx)
+    datasets = dataset_choices(ctx)
+    refs = checkpoint_choices(ctx)
+
+    gr.HTML(f"<style>{CSS}</style>", padding=False)
+    gr.Markdown(banner(ctx))
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt (one per line for several)", lines=3,
+                                placeholder="An endoscopic image of polyps, ...")
+            tokens = gr.HTML(token_counter(ctx, ""))
+            negative = gr.Textbox(label="Negative prompt", value="", placeholder='"" as in the paper')
+            with gr.Accordion("Class prompts: a dataset class's approved captions", open=False):
+                with gr.Row():
+                    ds = gr.Dropdown(datasets, value=datasets[0] if datasets else None, label="Dataset")
+                    cls = gr.Dropdown(class_choices(ctx, datasets[0]) if datasets else [], label="Class")
+                cap = gr.Dropdown([], label="Approved caption", allow_custom_value=False)
+                cap_notice = gr.Markdown()
+                use_cap = gr.Button("Use this caption as the prompt", size="sm")
+            with gr.Row():
+                # Custom values: "RUN" (its latest) and checkpoints written after the page was built.
+                ck = gr.Dropdown(refs, value=G.BASE, label="Checkpoint (base = no adapters; RUN = its latest)",
+                                 allow_custom_value=True, scale=3)
+                ck_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
+                strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter strength (LoRA scale)", scale=3)
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=20, step=1, label="Steps (DPM-Solver++)")
+                guidance = gr.Slider(0, 15, value=4.5, step=0.5, label="Guidance (CFG)")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (image k of each prompt: seed + k)")
+                random_seed = gr.Checkbox(value=True, label="Random seed")
+                n = gr.Slider(1, 16, value=4, step=1, label="Images per prompt")
+                resolution = gr.Number(value=0, precision=0, minimum=0, step=16,
+                                       label="Resolution px (0 = the checkpoint's training size)")
+            go = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=4):
+            gallery = gr.Gallery(label=f"Images{' — ' + RANDOM_LABEL if ctx.backbone_is_random else ''}",
+                                 format="png", type="filepath", columns=4, height="auto", interactive=False,
+                                 buttons=["download", "fullscreen"])
+            summary = gr.Markdown()
+            with gr.Accordion("Files and sidecars", open=False):
+                details = gr.JSON(label="Images")
+            with gr.Row():
+                recent = gr.Dropdown(recent_choices(ctx), label="A past image", scale=4)
+                recent_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
+            with gr.Row():
+                reuse_b = gr.Button("Reuse these settings", size="sm")
+                regen_b = gr.Button("Regenerate (byte-exact)", size="sm")
+            reuse_notice = gr.Markdown()
+
+    form = [prompt, negative, ck, strength, steps, guidance, seed, random_seed, n, resolution]
+
+    @user_errors
+    def _on_generate(p, neg, ref, st, nsteps, g, sd, rnd, k, res, progress=gr.Progress()):
+        out = run_generate(ctx, p, neg, ref, st, nsteps, g, sd, rnd, k, res,
+                           progress=lambda done, total: progress((done, total), desc="sampling"))
+        return (out["gallery"], out["summary"], out["seed"], out["details"],
+                gr.Dropdown(choices=recent_choices(ctx), value=out["details"][0]["sidecar"]))
+
+    go.click(_on_generate, form, [gallery, summary, seed, details, recent], api_name="generate",
+             concurrency_limit=1)
+
+    @user_errors
+    def _on_regenerate(sidecar, progress=gr.Progress()):
+        progress(0.0, desc="regenerating")
+        out = run_regenerate(ctx, sidecar)
+        return out["gallery"], out["summary"], out["details"], gr.Dropdown(choices=recent_choices(ctx))
+
+    regen_b.click(_on_regenerate, recent, [gallery, summary, details, recent], api_name="generate_regenerate",
+                  concurrency_limit=1)
+
+    @user_errors
+    def _on_reuse(sidecar):
+        r = reuse_settings(ctx, sidecar)
+        return (r["prompt"], r["negative"], gr.Dropdown(choices=checkpoint_choices(ctx), value=r["checkpoint"]),
+                r["strength"], r["steps"], r["guidance"], r["seed"], r["random"], r["n"], r["resolution"],
+                r["notice"], token_counter(ctx, r["prompt"]))
+
+    reuse_b.click(_on_reuse, recent, form + [reuse_notice, tokens], api_name="generate_reuse")
+
+    prompt.input(lambda t: token_counter(ctx, t), prompt, tokens, api_name="generate_tokens",
+                 show_progress="hidden", trigger_mode="always_last", queue=False)
+    ck_refresh.click(lambda cur: gr.Dropdown(choices=checkpoint_choices(ctx), value=cur), ck, ck,
+                     api_name="generate_checkpoints", queue=False)
+    recent_refresh.click(lambda: gr.Dropdown(choices=recent_choices(ctx)), None, recent, api_name="generate_recent",
+                         queue=False)
+
+    @user_errors
+    def _on_dataset(dataset):
+        return gr.Dropdown(choices=class_choices(ctx, dataset), value=None), gr.Dropdown(choices=[], value=None), ""
+
+    ds.change(_on_dataset, ds, [cls, cap, cap_notice], api_name="generate_classes")
+
+    @user_errors
+    def _on_class(dataset, label):
+        caps = caption_choices(ctx, dataset, label)
+        note = "" if caps or not label else (f"No approved captions for **{label}** yet: approve some in the "
+                                              "Captions tab.")
+        return gr.Dropdown(choices=caps, value=caps[0] if caps else None), note
+
+    cls.change(_on_class, [ds, cls], [cap, cap_notice], api_name="generate_captions")
+    use_cap.click(lambda c, cur: (c or cur, token_counter(ctx, c or cur)), [cap, prompt], [prompt, tokens],
+                  api_name="generate_use_caption", queue=False)
+
+    return {"prompt": prompt, "tokens": tokens, "negative": negative, "dataset": ds, "class": cls, "caption": cap,
+            "checkpoint": ck, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
+            "random_seed": random_seed, "n": n, "resolution": resolution, "gallery": gallery, "summary": summary,
+            "details": details, "recent": recent}
