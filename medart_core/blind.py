@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from . import durable
 from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, NotFoundError
 from .metrics import proportion_ci
@@ -102,8 +103,13 @@ class ReviewStore:
         for p in list(images_a) + list(images_b):
             if not Path(p).is_file():
                 raise NotFoundError(f"Image {p} does not exist.")
+        # The pairs' images go to the durable folder (if any) before the study exists, so a restored study
+        # never lacks them; paths outside the workspace are not copied.
+        durable.save_files((p, rel) for p in list(images_a) + list(images_b)
+                           if (rel := durable.workspace_rel(self.path.parent, p)) is not None)
         with self._conn() as con:
             con.execute("BEGIN IMMEDIATE")
+            tx = durable.begin(durable.REVIEWS, con, self.path)     # None unless MEDART_DURABLE_DIR is set
             try:
                 cur = con.execute("INSERT INTO studies(name, kind, source_a, source_b, seed, created_by, created_at,"
                                   " meta) VALUES (?,?,?,?,?,?,?,?)",
@@ -118,7 +124,9 @@ class ReviewStore:
                 con.execute("INSERT INTO pairs(study_id, position, path_a, path_b, swapped, prompt) VALUES "
                             "(?,?,?,?,?,?)", (sid, i, str(a), str(b), swapped,
                                               None if prompts is None else str(prompts[i])))
+            entry = durable.collect(tx)
             con.execute("COMMIT")
+            durable.record(entry)                # appended + fsynced to the durable folder before we return
         return sid
 
     def studies(self) -> list[dict[str, Any]]:
@@ -163,6 +171,7 @@ class ReviewStore:
             raise ConfigError("Pick the more realistic image or flag an artefact with a tag.")
         with self._conn() as con:
             con.execute("BEGIN IMMEDIATE")
+            tx = durable.begin(durable.REVIEWS, con, self.path)     # None unless MEDART_DURABLE_DIR is set
             sid = self._study(con, study)[0]
             row = con.execute("SELECT swapped FROM pairs WHERE id = ? AND study_id = ?", (int(pair_id), sid)).fetchone()
             if row is None:
@@ -178,7 +187,9 @@ class ReviewStore:
                 picked = "a" if (choice == "left") == left_is_a else "b"
             con.execute("INSERT INTO votes(pair_id, reviewer, shown_choice, picked_source, tag, created_at) "
                         "VALUES (?,?,?,?,?,?)", (int(pair_id), reviewer, choice, picked, tag, _now()))
+            entry = durable.collect(tx)
             con.execute("COMMIT")
+            durable.record(entry)                # appended + fsynced to the durable folder before we return
 
     # ---- results --------------------------------------------------------------------------------------------
     def results(self, study: str) -> dict[str, Any]:
@@ -224,3 +235,23 @@ def _check_reviewer(reviewer: Any) -> str:
     if len(r) > MAX_REVIEWER_CHARS:
         raise ConfigError(f"Reviewer name is longer than {MAX_REVIEWER_CHARS} characters.")
     return r
+
+
+def neutral_pair_images(left: str | os.PathLike, right: str | os.PathLike, *, size: int | None = None
+                        ) -> tuple[Any, Any]:
+    """The two images of a shown pair as fresh RGB PIL images of one size, so only the pixels reach the
+    reviewer: not the file names or folders (an evaluation image's folder is its checkpoint's, a real image
+    lives under the dataset), not PNG text chunks, not a size difference between real and generated images.
+    Both get the evaluation's own resize (shorter side to ``size``, centre crop; default: the smaller of the
+    two images' shorter sides)."""
+    from PIL import Image
+
+    from .extractors import prepare_image
+
+    ims = []
+    for p in (left, right):
+        with Image.open(p) as im:
+            ims.append(im.convert("RGB"))
+    s = int(size or min(min(im.size) for im in ims))
+    fresh = [Image.frombytes("RGB", (s, s), prepare_image(im, s).tobytes()) for im in ims]
+    return fresh[0], fresh[1]

@@ -474,7 +474,8 @@ def comparison_table(results: Sequence[EvalResult], reference: EvalResult | None
         rows.append({"id": r.id, "checkpoint": r.profile["checkpoint"], "comparable": not diff,
                      "reason": "; ".join(diff[:3]), **{k: o.get(k) for k in ("fd", "kid", "kid_std", "precision",
                                                                           "recall", "density", "coverage")},
-                     "fd_ci": o.get("fd_ci"), "n": o.get("n"), "random_weights": r.profile.get("random_weights")})
+                     "fd_ci": o.get("fd_ci"), "n": o.get("n"), "kid_subset_size": o.get("kid_subset_size"),
+                     "random_weights": r.profile.get("random_weights")})
     best: dict[str, str] = {}
     comp = [row for row in rows if row["comparable"]]
     for col, lower in LOWER_IS_BETTER.items():
@@ -487,6 +488,9 @@ def comparison_table(results: Sequence[EvalResult], reference: EvalResult | None
             if col == "fd" and row.get("fd_ci"):
                 return tuple(row["fd_ci"])  # type: ignore[return-value]
             if col == "kid":
+                if (row.get("kid_subset_size") or 0) >= (row.get("n") or 0):
+                    # One subset of all N images (N <= 1000): the std over subsets is 0 and says nothing.
+                    return -math.inf, math.inf
                 return row["kid"] - (row.get("kid_std") or 0.0), row["kid"] + (row.get("kid_std") or 0.0)
             return row[col], row[col]
         lo, hi = interval(top)

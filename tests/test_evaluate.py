@@ -212,3 +212,12 @@ def test_run_evaluation_of_base_and_a_checkpoint_reuses_images_and_cli_prints_th
     assert main(["review-results", "--workspace", str(ws.root)]) == 0
     out = capsys.readouterr().out
     assert "ev@2" in out and "FD" in out
+
+
+def test_kid_of_one_subset_of_all_images_is_never_marked_best():
+    def res(i, fd, kid):
+        return E.EvalResult(id=f"r{i}", profile={"checkpoint": f"c{i}"},
+                            metrics={"overall": {"fd": fd, "fd_ci": [fd - 1, fd + 1], "kid": kid, "kid_std": 0.0,
+                                                 "kid_subset_size": 10, "n": 10}})
+    table = E.comparison_table([res(0, 10.0, 0.1), res(1, 50.0, 0.5)])
+    assert table["best"] == {"fd": "r0"}, "FD intervals are separated; KID over one subset of all N has none"
