@@ -12,7 +12,8 @@ updates; what happens on each action (save before move, conflicts, next pending,
   runs;
 - library errors go through ``studio.errors.user_errors``: a toast plus the inline notice, the page (and
   the text in the editor) left as it is;
-- caption text is data, never markup: textboxes show it as text, HTML pieces are escaped (studio.render).
+- caption text is data, never markup: textboxes show it as text, HTML pieces are escaped (studio.render);
+- roles: the tab needs annotator (``studio.app.TABS``); the caption exports need admin (``@requires``).
 """
 # No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation of the
 # wrappers below to inject the request.
@@ -21,10 +22,12 @@ from typing import Any
 import gradio as gr
 
 from medart_core import caption_ops as ops
+from medart_core.accounts import ADMIN
 from medart_core.captions import STATUSES
 from medart_core.constants import MAX_REVIEWER_CHARS
 from medart_core.review import BATCH_OPS, BatchView, ImageView, LiveView, Notice, ReviewSession, ReviewView
 
+from .auth import requires
 from .errors import user_errors, warn
 from .render import (badges_html, esc, notice_html, progress_html, token_counter_html,
                      word_diff_segments_html)
@@ -653,10 +656,12 @@ def build_caption_tab(ctx) -> None:
     undo_b.click(on_undo, [state, batch_id, reviewer], [comps[n] for n in batch_out_names],
                  api_name="caption_batch_undo", **fast)
 
+    @requires(ADMIN)
     @user_errors
     def on_export_imagefolder(st):
         return export(ctx, st, "imagefolder")
 
+    @requires(ADMIN)
     @user_errors
     def on_export_csv(st):
         return export(ctx, st, "medart-csv")

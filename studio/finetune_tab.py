@@ -9,6 +9,10 @@ The poll (``gr.Timer(2)``, active only while the viewed job is queued or running
 ledger row, the metrics lines appended since the last tick (one shared parse per run for every open tab),
 and the last 12 log lines read from the file's end. Plots are re-sent only when new points arrived, at most
 ``MAX_POINTS`` per series (downsampled here, on the server).
+
+Every handler needs the trainer role (the tab's, in ``studio.app.TABS``); submissions carry ``owner=`` the
+signed-in user. Launch, calibrate and resume share one concurrency slot (``SUBMIT_CONCURRENCY``): each
+builds a config and an estimate and inserts a ledger row, and a burst of them should queue, not pile up.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ MAX_POINTS = 300
 POLL_S = 2.0
 LOG_LINES = 12
 RUN_COLUMNS = ["run", "state", "preset", "started", "steps", "last val loss", "checkpoints"]
+SUBMIT_CONCURRENCY = dict(concurrency_limit=1, concurrency_id="finetune_submit")
 
 LAUNCH_CSS = """
 #ft-progress progress {width: 100%; height: 1.1em;}
@@ -620,8 +625,7 @@ def build_finetune_tab(ctx: StudioContext) -> None:
     def on_launch(request: gr.Request, name, *f):
         return after_submit(launch(ctx, _owner(ctx, request), name, *f))
 
-    launch_btn.click(on_launch, [run_name, *form], live, api_name="finetune_launch",
-                     concurrency_limit=4)
+    launch_btn.click(on_launch, [run_name, *form], live, api_name="finetune_launch", **SUBMIT_CONCURRENCY)
 
     @user_errors
     def on_calibrate(request: gr.Request, *f):
@@ -629,7 +633,7 @@ def build_finetune_tab(ctx: StudioContext) -> None:
                             "Calibrating: 4 real steps (2 pixel steps) as a short job; the measured figures appear "
                             "here when it is done.")
 
-    calib_btn.click(on_calibrate, form, live, api_name="finetune_calibrate", concurrency_limit=4)
+    calib_btn.click(on_calibrate, form, live, api_name="finetune_calibrate", **SUBMIT_CONCURRENCY)
 
     @user_errors
     def on_stop(job_id, run):
@@ -643,7 +647,7 @@ def build_finetune_tab(ctx: StudioContext) -> None:
         job = resume(ctx, job_id, run, _owner(ctx, request))
         return after_submit(job)
 
-    resume_btn.click(on_resume, [job_box, run_box], live, api_name="finetune_resume", **quiet)
+    resume_btn.click(on_resume, [job_box, run_box], live, api_name="finetune_resume", **SUBMIT_CONCURRENCY, **quiet)
 
     @user_errors
     def on_runs():

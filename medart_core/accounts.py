@@ -1,0 +1,413 @@
+"""Who may use the studio, and with which role: the users table of a workspace (``W/users.sqlite``).
+
+Three roles, each one including the one before it:
+
+* ``annotator``: captions (review, edit, approve, batches) and blind review;
+* ``trainer``: also fine-tuning, generation and evaluation (Compare);
+* ``admin``: also users, dataset imports, deletions and caption exports.
+
+Passwords are stored as bcrypt hashes (``bcrypt`` pinned in requirements.txt), never as text; a user
+without a password signs in through Hugging Face OAuth on a Space only. The table is managed with
+``python -m medart_core users add|list|set-role|passwd|remove``; ``add`` and ``passwd`` read the password
+from ``--password-stdin`` or a prompt, never from a command-line argument (which ``ps`` shows to everyone).
+
+With no users at all the studio runs open on 127.0.0.1 (see ``app.py``): this module only answers "who is
+this, and what may they do"; the studio enforces it in every handler (``studio/auth.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sqlite3
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import ConfigError, NotFoundError
+
+ANNOTATOR, TRAINER, ADMIN = "annotator", "trainer", "admin"
+ROLES: tuple[str, ...] = (ANNOTATOR, TRAINER, ADMIN)       # weakest first; each includes the ones before
+ROLE_DOES = {
+    ANNOTATOR: "captions and blind review",
+    TRAINER: "captions, blind review, fine-tuning, generation and evaluation",
+    ADMIN: "everything, including users, imports, deletions and caption exports",
+}
+# HF usernames, e-mail-like logins and plain names; the name is shown in pages and stored in caption events,
+# so it never carries markup or control characters.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MIN_PASSWORD_BYTES = 8
+MAX_PASSWORD_BYTES = 72          # bcrypt uses only the first 72 bytes; bcrypt 5 refuses longer ones
+BCRYPT_ROUNDS = 12
+USERS_DB = "users.sqlite"
+ADMINS_ENV = "MEDART_ADMINS"
+
+
+def validate_username(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name.strip()):
+        raise ConfigError(f"Invalid user name {str(name)[:80]!r}: use 1-64 letters, digits, '.', '_', '-' or '@', "
+                          "starting with a letter or digit.")
+    return name.strip()
+
+
+def validate_role(role: Any) -> str:
+    if role not in ROLES:
+        raise ConfigError(f"Unknown role {role!r}: choose one of {', '.join(ROLES)}.")
+    return role
+
+
+def role_rank(role: str | None) -> int:
+    """0 for no role, then 1, 2, 3 for annotator, trainer, admin."""
+    return ROLES.index(role) + 1 if role in ROLES else 0
+
+
+def role_allows(role: str | None, needed: str) -> bool:
+    """True when ``role`` includes ``needed`` (an admin may do what a trainer may, and so on)."""
+    return role_rank(role) >= role_rank(validate_role(needed))
+
+
+def _check_password(password: Any) -> bytes:
+    if not isinstance(password, str):
+        raise ConfigError("A password must be text.")
+    raw = password.encode("utf-8")
+    if len(raw) < MIN_PASSWORD_BYTES:
+        raise ConfigError(f"Password too short: use at least {MIN_PASSWORD_BYTES} characters.")
+    if len(raw) > MAX_PASSWORD_BYTES:
+        raise ConfigError(f"Password too long: bcrypt uses at most {MAX_PASSWORD_BYTES} bytes; use a shorter one.")
+    return raw
+
+
+def hash_password(password: str) -> str:
+    """A bcrypt hash (salted, ``BCRYPT_ROUNDS`` cost) of an acceptable password."""
+    import bcrypt
+
+    return bcrypt.hashpw(_check_password(password), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode("ascii")
+
+
+def check_password(password: str, hashed: str) -> bool:
+    import bcrypt
+
+    try:
+        raw = password.encode("utf-8")
+        return len(raw) <= MAX_PASSWORD_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class User:
+    """One row of the users table, without its password hash (nothing outside this module sees hashes)."""
+
+    name: str
+    role: str
+    has_password: bool
+    created_at: str
+    updated_at: str
+    created_by: str | None = None
+
+    @property
+    def sign_in(self) -> str:
+        return "password" if self.has_password else "Hugging Face"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY COLLATE NOCASE,
+    role TEXT NOT NULL CHECK (role IN ('annotator', 'trainer', 'admin')),
+    password_hash TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    created_by TEXT
+);
+"""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class UserStore:
+    """The users table. Lookups are cheap (one indexed row), so every request may ask for a role afresh:
+    ``set-role`` and ``remove`` take effect on the next click, without a restart."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._dummy: str | None = None
+
+    @classmethod
+    def for_workspace(cls, ws: Any) -> "UserStore":
+        return cls(getattr(ws, "users_db", None) or Path(ws.root) / USERS_DB)
+
+    # ---- connection ------------------------------------------------------------------------------
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout = 10000")
+            con.executescript(_SCHEMA)
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        from . import durable
+
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")
+        tx = durable.begin(durable.USERS, con, self.path)   # None unless MEDART_DURABLE_DIR is set
+        try:
+            yield con
+            entry = durable.collect(tx)          # this transaction's rows, read under the write lock
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        durable.record(entry)                    # appended + fsynced to the durable folder before we return
+
+    def exists(self) -> bool:
+        """True when the table file exists (reading never creates it: an open studio leaves no users file)."""
+        return self.path.is_file()
+
+    # ---- reading ---------------------------------------------------------------------------------
+    @staticmethod
+    def _user(row: sqlite3.Row) -> User:
+        return User(row["name"], row["role"], row["password_hash"] is not None, row["created_at"], row["updated_at"],
+                    row["created_by"])
+
+    def list(self) -> list[User]:
+        if not self.exists():
+            return []
+        rows = self._con().execute("SELECT * FROM users ORDER BY name COLLATE NOCASE").fetchall()
+        return [self._user(r) for r in rows]
+
+    def count(self) -> int:
+        if not self.exists():
+            return 0
+        return int(self._con().execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    def get(self, name: str | None) -> User | None:
+        if not name or not self.exists():
+            return None
+        row = self._con().execute("SELECT * FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
+        return self._user(row) if row is not None else None
+
+    def role_of(self, name: str | None) -> str | None:
+        u = self.get(name)
+        return u.role if u is not None else None
+
+    def verify(self, name: str, password: str) -> bool:
+        """The sign-in check: True only for an existing user with a password that matches. Unknown users cost
+        one bcrypt check too, so the time taken does not tell which names exist."""
+        row = None
+        if isinstance(name, str) and self.exists():
+            row = self._con().execute("SELECT password_hash FROM users WHERE name = ?", (name.strip(),)).fetchone()
+        hashed = row["password_hash"] if row is not None else None
+        if not isinstance(password, str):
+            password = ""
+        if hashed is None:
+            if self._dummy is None:
+                self._dummy = hash_password("not-a-password-of-anyone")
+            check_password(password, self._dummy)
+            return False
+        return check_password(password, hashed)
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def add(self, name: str, role: str, password: str | None = None, *, by: str | None = None) -> User:
+        """A new user; ``password=None`` makes one who signs in through Hugging Face (Spaces) only."""
+        name, role = validate_username(name), validate_role(role)
+        hashed = hash_password(password) if password is not None else None
+        now = _now()
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise ConfigError(f"User {name!r} exists already: use set-role or passwd to change it.")
+            con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (name, role, hashed, now, now, by))
+        return self.get(name)  # type: ignore[return-value]
+
+    def _admins_left(self, con: sqlite3.Connection, without: str) -> int:
+        return int(con.execute("SELECT COUNT(*) FROM users WHERE role = 'admin' AND name != ?",
+                               (without,)).fetchone()[0])
+
+    def _others(self, con: sqlite3.Connection, without: str) -> int:
+        return int(con.execute("SELECT COUNT(*) FROM users WHERE name != ?", (without,)).fetchone()[0])
+
+    def set_role(self, name: str, role: str, *, force: bool = False) -> User:
+        role = validate_role(role)
+        with self._write() as con:
+            row = con.execute("SELECT role FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
+            if row["role"] == ADMIN and role != ADMIN and not force and self._admins_left(con, name.strip()) == 0:
+                raise ConfigError(f"{name!r} is the last admin: make another user admin first (or pass --force).")
+            con.execute("UPDATE users SET role = ?, updated_at = ? WHERE name = ?", (role, _now(), name.strip()))
+        return self.get(name)  # type: ignore[return-value]
+
+    def set_password(self, name: str, password: str | None) -> User:
+        hashed = hash_password(password) if password is not None else None
+        with self._write() as con:
+            cur = con.execute("UPDATE users SET password_hash = ?, updated_at = ? WHERE name = ?",
+                              (hashed, _now(), str(name).strip()))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
+        return self.get(name)  # type: ignore[return-value]
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        """Remove a user; they are refused from their next click on (their session cookie is worth nothing)."""
+        with self._write() as con:
+            row = con.execute("SELECT role FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
+            if (row["role"] == ADMIN and not force and self._admins_left(con, name.strip()) == 0
+                    and self._others(con, name.strip()) > 0):
+                raise ConfigError(f"{name!r} is the last admin and other users remain: make another user admin "
+                                  "first (or pass --force).")
+            con.execute("DELETE FROM users WHERE name = ?", (name.strip(),))
+
+    def seed_admins(self, names: Iterable[str], *, by: str = ADMINS_ENV) -> list[str]:
+        """Make each name an admin (added without a password, or promoted): the ``MEDART_ADMINS`` secret of a
+        Space. Names dropped from the secret later are not demoted; use ``set-role`` for that."""
+        done = []
+        for raw in names:
+            name = raw.strip()
+            if not name:
+                continue
+            name = validate_username(name)
+            now = _now()
+            with self._write() as con:
+                row = con.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by) "
+                                "VALUES (?, 'admin', NULL, ?, ?, ?)", (name, now, now, by))
+                elif row["role"] != ADMIN:
+                    con.execute("UPDATE users SET role = 'admin', updated_at = ? WHERE name = ?", (now, name))
+            done.append(name)
+        return done
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+def admins_from_env(value: str | None) -> list[str]:
+    """``MEDART_ADMINS="alice, bob"`` -> ["alice", "bob"]."""
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
+# =========================================================================================================
+# Command line: python -m medart_core users ...
+# =========================================================================================================
+def read_password(from_stdin: bool, *, confirm: bool = True) -> str:
+    """The password from one line of stdin (``--password-stdin``) or an interactive prompt (typed twice)."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    if not sys.stdin.isatty():
+        raise ConfigError("No terminal to prompt for a password: pipe it in with --password-stdin "
+                          "(e.g. `printf '%s\\n' \"$PW\" | python -m medart_core users add NAME --password-stdin`).")
+    import getpass
+
+    pw = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Password (again): ") != pw:
+        raise ConfigError("The two passwords differ; nothing was changed.")
+    return pw
+
+
+def _store(args: argparse.Namespace) -> UserStore:
+    from .workspace import Workspace
+
+    return UserStore.for_workspace(Workspace.open(args.workspace))
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    validate_username(args.name)
+    validate_role(args.role)
+    password = None if args.no_password else read_password(args.password_stdin)
+    u = _store(args).add(args.name, args.role, password, by="cli")
+    print(f"added {u.name} ({u.role}, signs in with {u.sign_in})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    users = _store(args).list()
+    if not users:
+        print("no users: the studio runs open (on 127.0.0.1 only); `users add NAME --role admin` turns sign-in on")
+        return 0
+    w = max(4, *(len(u.name) for u in users))
+    print(f"{'name':<{w}}  {'role':<9}  {'sign-in':<12}  {'created':<20}  updated")
+    for u in users:
+        print(f"{u.name:<{w}}  {u.role:<9}  {u.sign_in:<12}  {u.created_at:<20}  {u.updated_at}")
+    return 0
+
+
+def _cmd_set_role(args: argparse.Namespace) -> int:
+    u = _store(args).set_role(args.name, args.role, force=args.force)
+    print(f"{u.name} is now {u.role}")
+    return 0
+
+
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if store.get(args.name) is None:
+        raise NotFoundError(f"No user named {args.name!r}: `users list` shows them.")
+    u = store.set_password(args.name, None if args.no_password else read_password(args.password_stdin))
+    print(f"{u.name} now signs in with {u.sign_in}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    _store(args).remove(args.name, force=args.force)
+    print(f"removed {args.name}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``users add|list|set-role|passwd|remove`` to the ``python -m medart_core`` parser."""
+    up = subparsers.add_parser("users", help="who may sign in to the studio, and with which role")
+    usub = up.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+
+    def ws(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workspace", "-w", default=None, help="workspace folder (default: $MEDART_HOME or ./workspace)")
+
+    def pw(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+        g.add_argument("--no-password", action="store_true",
+                       help="no password: the user signs in through Hugging Face on a Space only")
+
+    p = usub.add_parser("add", help="add a user (the password is prompted for, or read with --password-stdin)")
+    p.add_argument("name")
+    p.add_argument("--role", choices=ROLES, required=True, help="; ".join(f"{r}: {d}" for r, d in ROLE_DOES.items()))
+    pw(p)
+    ws(p)
+    p.set_defaults(func=_cmd_add)
+
+    p = usub.add_parser("list", help="list users and their roles (never their password hashes)")
+    ws(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = usub.add_parser("set-role", help="change a user's role (takes effect on their next click)")
+    p.add_argument("name")
+    p.add_argument("role", choices=ROLES)
+    p.add_argument("--force", action="store_true", help="allow demoting the last admin")
+    ws(p)
+    p.set_defaults(func=_cmd_set_role)
+
+    p = usub.add_parser("passwd", help="set a user's password (prompted for, or read with --password-stdin)")
+    p.add_argument("name")
+    pw(p)
+    ws(p)
+    p.set_defaults(func=_cmd_passwd)
+
+    p = usub.add_parser("remove", help="remove a user (refused from their next click on)")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="allow removing the last admin while other users remain")
+    ws(p)
+    p.set_defaults(func=_cmd_remove)
