@@ -6,6 +6,9 @@
   process in about a second. It exists so that the studio, the tests and CI run with no download at all.
   Its images are noise: everything that shows them says "random-weight demo backbone".
 * ``"small"``: the same, sized for benchmarks (~30 M-parameter DiT, 128 px).
+* ``"demo"``: the embedded demo backbone in ``assets/demo_backbone`` (64 px, ~5 MB), trained on the 213 sample
+  images by ``medart_core.demo_backbone``; loaded offline, labelled "demo backbone trained on 213 sample
+  images — not a medical model" (``DEMO_LABEL``).
 * a local folder in diffusers pipeline layout (``model_index.json``), e.g. one written by ``save_backbone``;
 * a Hub id (default ``PixArt-alpha/PixArt-XL-2-512x512``), read from the Hugging Face cache or downloaded.
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import MAX_TOKENS
+from .constants import DEMO_LABEL, MAX_TOKENS
 from .errors import ConfigError, MissingWeightsError
 from .hub import hub_reachable, is_offline, looks_like_hub_id
 
@@ -32,6 +35,8 @@ DEFAULT_BACKBONE = "PixArt-alpha/PixArt-XL-2-512x512"
 RANDOM_LABEL = "random-weight demo backbone"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_FILE = ASSETS / "tokenizer" / "tokenizer.json"
+DEMO_SPEC = "demo"
+DEMO_DIR = ASSETS / "demo_backbone"
 
 # DPM-Solver++ as PixArt-XL-2-512x512 ships it (scheduler/scheduler_config.json on the Hub).
 PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -98,7 +103,9 @@ class Backbone:
 
     @property
     def label(self) -> str:
-        """How the UI names this backbone; random-weight ones always say so."""
+        """How the UI names this backbone; random-weight ones always say so, the demo one says what it is."""
+        if self.extra.get("label"):
+            return str(self.extra["label"])
         return f"{self.spec} ({RANDOM_LABEL})" if self.is_random else self.spec
 
     @property
@@ -152,6 +159,9 @@ def load_tokenizer(spec: str = "tiny") -> "T5TokenizerFast":
     if spec in PRESETS:
         return _tiny_tokenizer()
     from transformers import AutoTokenizer
+
+    if spec == DEMO_SPEC:
+        return AutoTokenizer.from_pretrained(str(_demo_dir() / "tokenizer"), local_files_only=True)
 
     folder = Path(spec).expanduser()
     if folder.is_dir():
@@ -263,6 +273,8 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, *, torch_dtype: "torch.dtype | N
     if spec in PRESETS:
         bb = build_random_backbone(spec)
         return bb.to(dtype=torch_dtype) if torch_dtype is not None else bb
+    if spec == DEMO_SPEC:
+        return load_demo_backbone(torch_dtype=torch_dtype)
     folder = Path(spec).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
@@ -280,6 +292,27 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, *, torch_dtype: "torch.dtype | N
         local_files_only = is_offline() or not hub_reachable()
     with _hub_errors(spec):
         return _load_pipeline_parts(spec, spec, torch_dtype or torch.float32, local_files_only=local_files_only)
+
+
+def _demo_dir() -> Path:
+    if not (DEMO_DIR / "model_index.json").is_file():
+        raise MissingWeightsError(
+            f"The demo backbone is missing from {DEMO_DIR}. Rebuild it (about 20 minutes on 2 CPU cores) with "
+            "`python -m medart_core demo-backbone build --out assets/demo_backbone` from the repository root, "
+            "or use the random-weight backbone `tiny`."
+        )
+    return DEMO_DIR
+
+
+def load_demo_backbone(*, torch_dtype: "torch.dtype | None" = None) -> Backbone:
+    """The embedded demo backbone (``assets/demo_backbone``), offline, with its label and manifest path."""
+    import torch
+
+    folder = _demo_dir()
+    bb = _load_pipeline_parts(str(folder), DEMO_SPEC, torch_dtype or torch.float32, local_files_only=True)
+    bb.is_random = False
+    bb.extra.update({"label": DEMO_LABEL, "manifest": str(folder / "MANIFEST.json"), "folder": str(folder)})
+    return bb
 
 
 def _load_pipeline_parts(source: str, spec: str, dtype: "torch.dtype", *, local_files_only: bool) -> Backbone:

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, NamedTuple, Sequence
 
+from . import durable
 from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, ConflictError, MedArtError, NotFoundError
 from .workspace import validate_name
@@ -424,13 +425,16 @@ class CaptionStore:
                 ) from e
             raise
         try:
+            tx = durable.begin(durable.CAPTIONS, con, self.db_path)   # None unless MEDART_DURABLE_DIR is set
             yield con
+            entry = durable.collect(tx)          # this transaction's rows, read under the write lock
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
         else:
             con.execute("COMMIT")
+            durable.record(entry)                # appended + fsynced to the durable folder before we return
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

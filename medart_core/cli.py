@@ -16,7 +16,7 @@ from .errors import MedArtError
 # Modules that add sub-commands of their own: captioning, training, out-of-process jobs, users. Each must exist
 # and define ``register_cli(subparsers)``.
 SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train", "medart_core.jobs", "medart_core.generate",
-                      "medart_core.evaluate")
+                      "medart_core.evaluate", "medart_core.accounts", "medart_core.demo_backbone")
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from .data import import_cli
 
-    return import_cli(args.src, args.workspace, args.dataset, args.modality, args.label)
+    return import_cli(args.src, args.workspace, args.dataset, args.modality, args.label,
+                      keep_identifiers=args.keep_identifiers)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="generic",
                    help="endoscopy, dermoscopy, radiology, histology, fundus or generic (prompt templates)")
     p.add_argument("--label", default=None, help="class label for files that have none (single files, DICOM)")
+    p.add_argument("--keep-identifiers", action="store_true",
+                   help="admin opt-in for a NEW dataset: keep DICOM patient tags and original file names")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("export", help="export captions: Hugging Face imagefolder or the reference metadata.csv")

@@ -9,3 +9,5 @@ MAX_REVIEWER_CHARS = 64
 RANDOM_LABEL = "random-weight demo backbone"
 # The PixArt-α checkpoint the paper fine-tunes (and whose T5 tokenizer counts the 120 tokens).
 PAPER_BACKBONE = "PixArt-alpha/PixArt-XL-2-512x512"
+# Shown wherever the embedded demo backbone (assets/demo_backbone, trained by medart_core.demo_backbone) is used.
+DEMO_LABEL = "demo backbone trained on 213 sample images — not a medical model"

@@ -11,6 +11,19 @@ moved into ``datasets/<name>/images/``. A failure (a bad database write, Ctrl-C)
 removes the staging folder and leaves the workspace as it was: no image file is ever in the final folder
 without its database row. Bad *inputs* never fail an import: each is skipped with a reason in the report.
 
+Patient-data hygiene: nothing that identifies a patient is stored, served, logged or exported unless an admin
+opts in for that dataset (``import_images(..., keep_identifiers=True)``, CLI ``import --keep-identifiers``,
+which creates the dataset with ``meta["keep_identifiers"] = True``). By default an import keeps only a
+whitelist of technical DICOM attributes (:data:`DICOM_STORED_TAGS`: modality, body part, photometric
+interpretation, bits, frames, transfer syntax and the window/LUT actually applied) and never the patient,
+physician, institution, date, description or UID attributes (DICOM PS3.15 Annex E basic profile;
+:data:`DICOM_IDENTIFYING_KEYWORDS` lists the ones kept with the opt-in). Nor are original file or folder
+names kept: images are named by pixel hash, the provenance and manifest carry no ``original_name``, and the
+folders of a DICOM tree are not used as class labels (clinical exports name them after patients). Only the
+in-memory :class:`ImportReport` handed back to whoever ran the import names the files as they gave them.
+A DICOM marked ``BurnedInAnnotation = YES`` is imported with ``needs_phi_review: true`` in its provenance
+and manifest line, and counted in the report.
+
 The sample dataset (``build_sample_dataset``) is cut from real medical images that ship inside installed
 packages (pydicom's test files, pydicom-data, scikit-image's data) with the recipe in ``SAMPLE_RECIPE``;
 ``assets/sample_data/README.md`` documents it and the licences.
@@ -35,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import durable
 from .errors import ConfigError, InvalidImageError, MedArtError, NotFoundError
 from .workspace import Workspace, validate_name
 
@@ -46,6 +60,8 @@ __all__ = [
     "SAMPLE_CLASSES", "SAMPLE_RECIPE", "SampleSource", "ImportReport",
     "pixel_hash", "load_image_file", "load_dicom", "dicom_label", "normalize_label",
     "import_images", "build_sample_dataset", "import_cli", "sample_data_cli",
+    "DICOM_STORED_TAGS", "DICOM_IDENTIFYING_KEYWORDS", "dicom_identifiers", "keeps_identifiers",
+    "needs_phi_review",
 ]
 
 # Decompression-bomb cap, checked on the header *before* any pixel is decoded. It is below Pillow's own
@@ -67,6 +83,37 @@ UNLABELED = "unlabeled"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")   # captions may keep \t \n \r
 _LABEL_RE = re.compile(r"^[^\W_][\w.-]{0,63}$")
+
+# What an import keeps of a DICOM header by default: technical attributes only (how the pixels were made
+# displayable). Rows/Columns become the image size; WindowCenter/Width, VOI LUT and Rescale are recorded
+# only as the window actually applied.
+DICOM_STORED_TAGS = ("Modality", "BodyPartExamined", "PhotometricInterpretation", "BitsStored",
+                     "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "WindowCenter", "WindowWidth",
+                     "VOILUTFunction", "RescaleSlope", "RescaleIntercept", "TransferSyntaxUID")
+# Attributes of DICOM PS3.15 Annex E's basic application level confidentiality profile (patient, physicians,
+# operators, institution, device, dates and times, free-text descriptions and comments, instance UIDs) that
+# occur at the top level of image files. None is stored by default; with the admin opt-in per dataset they
+# are kept in the provenance under ``dicom.identifiers``.
+DICOM_IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge", "PatientSize",
+    "PatientWeight", "PatientAddress", "PatientTelephoneNumbers", "PatientComments", "EthnicGroup", "Occupation",
+    "MilitaryRank", "BranchOfService", "CountryOfResidence", "RegionOfResidence", "MedicalRecordLocator",
+    "AdditionalPatientHistory", "AdmittingDiagnosesDescription", "ResponsiblePerson", "ResponsibleOrganization",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingPhysician",
+    "OperatorsName", "ContentCreatorName", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "StationName", "DeviceSerialNumber", "DetectorID", "GantryID", "AccessionNumber", "StudyID",
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate", "OverlayDate",
+    "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "InstanceCreationTime", "OverlayTime",
+    "AcquisitionDateTime", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "PerformedProcedureStepID", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
+    "ScheduledProcedureStepDescription", "StudyDescription", "SeriesDescription", "ProtocolName",
+    "ImageComments", "DerivationDescription", "TimezoneOffsetFromUTC",
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "InstanceCreatorUID",
+    "IrradiationEventUID", "SynchronizationFrameOfReferenceUID", "StorageMediaFileSetUID",
+    "ReferencedSOPInstanceUID", "UID",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,13 +399,39 @@ def _read_dicom(path: Path) -> Any:
     return ds
 
 
+def dicom_identifiers(ds: Any) -> dict[str, str]:
+    """The identifying attributes of a DICOM dataset that are present (:data:`DICOM_IDENTIFYING_KEYWORDS`, top
+    level and file meta), as text. Only ever stored for a dataset whose admin opted in."""
+    out: dict[str, str] = {}
+    for keyword in DICOM_IDENTIFYING_KEYWORDS:
+        try:
+            elem = ds[keyword] if keyword in ds else None
+        except (KeyError, ValueError):
+            continue
+        if elem is not None and elem.VR != "SQ" and elem.value is not None:
+            text = str(elem.value).strip()
+            if text:
+                out[keyword] = text
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("MediaStorageSOPInstanceUID") if meta is not None else None
+    if uid:
+        out["MediaStorageSOPInstanceUID"] = str(uid)
+    return out
+
+
+def _burned_in(ds: Any) -> bool:
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
 def load_dicom(path: str | os.PathLike, *, window: tuple[float, float] | str | None = None,
-               frames: list[int] | None = None) -> list[tuple[Image.Image, dict]]:
+               frames: list[int] | None = None, keep_identifiers: bool = False) -> list[tuple[Image.Image, dict]]:
     """Decode a DICOM file into RGB 8-bit images, one per frame, each with a provenance dict.
 
     Grayscale: modality LUT/rescale, then the VOI LUT or first window of the file (or ``window=(C, W)``,
     or the 0.5-99.5 percentile range, also with ``window="auto"``), MONOCHROME1 inverted; palette colour via its LUT; 16/32-bit
     colour scaled to 8 bits. ``frames`` picks frame indices (default all, at most MAX_FRAMES).
+    The provenance holds only :data:`DICOM_STORED_TAGS` (plus ``burned_in_annotation: True`` when the file says
+    so); ``keep_identifiers`` adds the descriptions and :func:`dicom_identifiers` (the admin opt-in).
     Raises InvalidImageError for unreadable files, files without pixel data, or undecodable compression.
     """
     from pydicom.pixels import pixel_array
@@ -378,16 +451,20 @@ def load_dicom(path: str | os.PathLike, *, window: tuple[float, float] | str | N
         raise InvalidImageError(f"DICOM file has {n_frames} frames; at most {MAX_FRAMES} are imported per file")
     indices = list(range(n_frames)) if frames is None else [i for i in frames if 0 <= i < n_frames]
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    meta = {
+    meta: dict[str, Any] = {
         "modality": _dicom_str(ds, "Modality"),
         "body_part": _dicom_str(ds, "BodyPartExamined"),
-        "series_description": _dicom_str(ds, "SeriesDescription"),
-        "study_description": _dicom_str(ds, "StudyDescription"),
         "photometric": _dicom_str(ds, "PhotometricInterpretation"),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "transfer_syntax": str(getattr(ts, "name", ts)) if ts is not None else None,
         "n_frames": n_frames,
     }
+    if _burned_in(ds):
+        meta["burned_in_annotation"] = True
+    if keep_identifiers:
+        meta["series_description"] = _dicom_str(ds, "SeriesDescription")
+        meta["study_description"] = _dicom_str(ds, "StudyDescription")
+        meta["identifiers"] = dicom_identifiers(ds)
     out: list[tuple[Image.Image, dict]] = []
     for i in indices:
         try:
@@ -465,6 +542,10 @@ class ImportReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)         # (original name, reason)
     created: bool = False       # this import created the dataset
     seconds: float = 0.0
+    # The names above are the caller's own (the report is handed back, never stored); what follows is safe.
+    phi_review: list[int] = field(default_factory=list)   # image ids imported with needs_phi_review
+    folder_labels_ignored: int = 0   # DICOM files whose class folder was not used as a label
+    identifiers_kept: bool = False   # the dataset's admin opted in: identifiers and names were stored
 
     def label_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -486,6 +567,18 @@ class ImportReport:
                 lines.append(f"  {_printable(name)}: {_printable(reason)}")
             if len(self.skipped) > max_skipped:
                 lines.append(f"  ... and {len(self.skipped) - max_skipped} more")
+        if self.phi_review:
+            lines.append(f"{len(self.phi_review)} image(s) flagged needs_phi_review: their DICOM says "
+                         "BurnedInAnnotation YES (names, dates or IDs may be burned into the pixels); review them "
+                         "before training on or exporting this dataset.")
+        if self.folder_labels_ignored:
+            lines.append(f"Folder names were not used as class labels for {self.folder_labels_ignored} DICOM "
+                         "file(s) (clinical exports name folders after patients): labels come from the DICOM "
+                         "tags. Set them with --label or a CSV (file_name,label).")
+        if self.imported:
+            lines.append("Patient identifiers, DICOM descriptions and original file names were KEPT (this "
+                         "dataset's admin opted in)." if self.identifiers_kept else
+                         "No patient identifiers or original file names were stored (DICOM technical tags only).")
         if not self.imported:
             lines.append("Nothing was imported: check the reasons above and the accepted formats "
                          "(PNG, JPEG, TIFF, BMP, DICOM).")
@@ -495,7 +588,8 @@ class ImportReport:
         return {"dataset": self.dataset, "created": self.created, "seconds": round(self.seconds, 3),
                 "imported": [{"name": n, "image_id": i, "label": lab} for n, i, lab in self.imported],
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
-                "label_counts": self.label_counts()}
+                "label_counts": self.label_counts(), "needs_phi_review": list(self.phi_review),
+                "folder_labels_ignored": self.folder_labels_ignored, "identifiers_kept": self.identifiers_kept}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
@@ -512,8 +606,10 @@ def _drop_empty_dataset(store: "CaptionStore", name: str) -> None:
 class _Staging:
     """Images decoded for one import, waiting in ws.tmp_dir for the single store transaction."""
 
-    def __init__(self, ws: Workspace, store: "CaptionStore", dataset: str, report: ImportReport):
+    def __init__(self, ws: Workspace, store: "CaptionStore", dataset: str, report: ImportReport, *,
+                 keep_identifiers: bool = False):
         self.ws, self.store, self.dataset, self.report = ws, store, dataset, report
+        self.keep_identifiers = keep_identifiers
         self.dir = Path(tempfile.mkdtemp(prefix=f"import-{dataset}-", dir=ws.tmp_dir))
         self.records: list[ImageRecord] = []
         self.drafts: list[tuple[str, str] | None] = []
@@ -553,7 +649,9 @@ class _Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def commit(self, *, create: dict | None) -> None:
-        """One store transaction (plus the dataset row when new), then move files into place."""
+        """One store transaction (plus the dataset row when new), then move files into place. With a durable
+        folder the PNGs and the new manifest are copied there first, so a logged row never lacks its file."""
+        self._save_durable()
         created = False
         try:
             if create is not None:
@@ -564,6 +662,9 @@ class _Staging:
                     if not self.store.has_dataset(self.dataset):
                         raise
                     # another import created it since we looked: add to it instead
+                    if self.keep_identifiers and not keeps_identifiers(self.store, self.dataset):
+                        raise ConfigError(f"Dataset {self.dataset!r} was just created by another import without "
+                                          "keeping identifiers; import into a new dataset to keep them.") from None
             ids = self.store.add_images(self.dataset, self.records,
                                         drafts=self.drafts if any(d is not None for d in self.drafts) else None)
         except BaseException:
@@ -579,6 +680,7 @@ class _Staging:
         self.report.created = created
         self.report.imported.extend(
             (n, int(i), r.label) for n, i, r in zip(self.names, ids, self.records))
+        self.report.phi_review.extend(int(i) for i, r in zip(ids, self.records) if r.source.get("needs_phi_review"))
         self._publish()
 
     def _publish(self) -> None:
@@ -625,15 +727,28 @@ class _Staging:
         if interrupted is not None:
             raise interrupted
 
-    def _append_manifest(self) -> None:
+    def _manifest_bytes(self) -> bytes:
         target = self.ws.manifest_path(self.dataset)
-        staged = self.dir / "manifest.jsonl"
         old = target.read_bytes() if target.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"
         lines = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n" for m in self.manifest)
-        staged.write_bytes(old + lines.encode("utf-8"))
-        os.replace(staged, target)
+        return old + lines.encode("utf-8")
+
+    def _append_manifest(self) -> None:
+        staged = self.dir / "manifest.jsonl"
+        staged.write_bytes(self._manifest_bytes())
+        os.replace(staged, self.ws.manifest_path(self.dataset))
+
+    def _save_durable(self) -> None:
+        if not durable.enabled() or not self.records:
+            return
+        rel = self.ws.dataset_dir(self.dataset).relative_to(self.ws.root).as_posix()
+        durable.save_files((self.dir / PurePosixPath(r.file_name).name, f"{rel}/{r.file_name}") for r in self.records)
+        staged = self.dir / "manifest.durable.jsonl"
+        staged.write_bytes(self._manifest_bytes())
+        durable.save_files([(staged, f"{rel}/{PurePosixPath(self.ws.manifest_path(self.dataset).name)}")],
+                           overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,6 +760,7 @@ class _Item:
     name: str                   # as the user knows it (relative to the source), used in the report
     label: str | None           # from a CSV column or a class folder
     text: str | None = None     # caption from a CSV
+    from_folder: bool = False   # the label is a folder name (not used for DICOM without the opt-in)
 
 
 def _tree_items(root: Path, report: ImportReport, exclude: Path | None = None) -> Iterator[_Item]:
@@ -669,9 +785,10 @@ def _tree_items(root: Path, report: ImportReport, exclude: Path | None = None) -
                 try:
                     label = normalize_label(rel_dir.parts[0])
                 except ConfigError as e:
-                    report.skipped.append((rel, f"class folder name is not a usable label: {e}"))
-                    continue
-            yield _Item(Path(dirpath) / fn, rel, label)
+                    if _kind(Path(dirpath) / fn) != "dicom":   # DICOM labels come from the tags anyway
+                        report.skipped.append((rel, f"class folder name is not a usable label: {e}"))
+                        continue
+            yield _Item(Path(dirpath) / fn, rel, label, from_folder=bool(rel_dir.parts))
 
 
 def _csv_items(csv_path: Path, report: ImportReport) -> Iterator[_Item]:
@@ -755,15 +872,32 @@ def _csv_items(csv_path: Path, report: ImportReport) -> Iterator[_Item]:
         yield _Item(target, rel, label or None, text or None)
 
 
+def keeps_identifiers(store: "CaptionStore", dataset: str) -> bool:
+    """Whether an admin opted ``dataset`` in to keeping patient identifiers and original names."""
+    return store.has_dataset(dataset) and bool(store.dataset_info(dataset).meta.get("keep_identifiers"))
+
+
+def needs_phi_review(store: "CaptionStore", dataset: str) -> list[int]:
+    """Ids of the images of ``dataset`` imported from DICOMs marked BurnedInAnnotation YES."""
+    return [r.id for r in store.list_images(dataset) if (r.source or {}).get("needs_phi_review")]
+
+
 def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, dataset: str, *,
                   modality: str = "generic", label: str | None = None,
-                  progress: Callable[[int, str], None] | None = None) -> ImportReport:
+                  progress: Callable[[int, str], None] | None = None,
+                  keep_identifiers: bool = False) -> ImportReport:
     """Import images into ``dataset`` (created when missing) as one all-or-nothing batch.
 
     ``src`` is a folder (files directly inside, or ``src/<class>/...`` folder-per-class), a CSV
     (``file_name,label[,text]``, paths relative to the CSV; ``text`` becomes a draft of source "import"),
     or a single image or DICOM file. The label of an image is, in order: the CSV's label / the class
-    folder; ``label``; for DICOM, modality + body part from the tags; else "unlabeled".
+    folder (not for DICOM: see below); ``label``; for DICOM, modality + body part from the tags; else
+    "unlabeled".
+    Patient-data hygiene (module docstring): no original file/folder name and no identifying DICOM attribute
+    is stored, and a DICOM tree's folders are not labels, unless ``keep_identifiers`` (the admin opt-in; the
+    studio offers it to admins only), which creates the dataset with ``meta["keep_identifiers"] = True`` and is
+    refused for an existing dataset created without it. A dataset that opted in still drops identifiers
+    from an import made without ``keep_identifiers``.
     Every bad input is skipped with its reason in the report; an exception (store failure, Ctrl-C)
     leaves the workspace exactly as it was.
     """
@@ -773,9 +907,14 @@ def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, 
     if not src_path.exists():
         raise NotFoundError(f"Nothing to import at {src_path}: give a folder, a CSV file or an image file.")
     default_label = normalize_label(label) if label else None
-    report = ImportReport(dataset)
-    create = None if store.has_dataset(dataset) else {"modality": modality, "meta": {}}
-    staging = _Staging(ws, store, dataset, report)
+    keep = bool(keep_identifiers)
+    exists = store.has_dataset(dataset)
+    if keep and exists and not keeps_identifiers(store, dataset):
+        raise ConfigError(f"Dataset {dataset!r} was created without keeping patient identifiers, and that is "
+                          "decided per dataset when it is created: import into a new dataset to keep them.")
+    report = ImportReport(dataset, identifiers_kept=keep)
+    create = None if exists else {"modality": modality, "meta": {"keep_identifiers": True} if keep else {}}
+    staging = _Staging(ws, store, dataset, report, keep_identifiers=keep)
     try:
         if src_path.is_dir():
             items: Iterator[_Item] = _tree_items(src_path, report, exclude=ws.root.resolve())
@@ -801,6 +940,7 @@ def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, 
 
 def _import_one(staging: _Staging, item: _Item, default_label: str | None) -> None:
     report = staging.report
+    keep = staging.keep_identifiers
     kind = _kind(item.path)
     if kind is None:
         report.skipped.append((item.name, "unsupported file type (accepted: PNG, JPEG, TIFF, BMP, DICOM)"))
@@ -808,32 +948,40 @@ def _import_one(staging: _Staging, item: _Item, default_label: str | None) -> No
     draft = (item.text, "import") if item.text else None
     try:
         if kind == "dicom":
-            frames = load_dicom(item.path)
+            frames = load_dicom(item.path, keep_identifiers=keep)
         else:
             img, note = load_image_file(item.path)
     except InvalidImageError as e:
         report.skipped.append((item.name, str(e)))
         return
+    named = {"original_name": item.name} if keep else {}
     if kind == "image":
         lab = item.label or default_label or UNLABELED
-        staging.add(item.name, img, lab, {"original_name": item.name, "conversion": note}, draft)
+        staging.add(item.name, img, lab, {**named, "conversion": note}, draft)
         return
+    item_label = item.label
+    if item.from_folder and not keep:
+        item_label = None
+        report.folder_labels_ignored += 1
     for img, info in frames:
-        lab = item.label or default_label or dicom_label(info)
+        lab = item_label or default_label or dicom_label(info)
         name = item.name if len(frames) == 1 else f"{item.name} [frame {info['frame']}]"
-        staging.add(name, img, lab, {"original_name": item.name, "dicom": info}, draft)
+        flag = {"needs_phi_review": True} if info.get("burned_in_annotation") else {}
+        staging.add(name, img, lab, {**named, "dicom": info, **flag}, draft)
 
 
 def import_cli(src: str, workspace: str | None, dataset: str, modality: str = "generic",
-               label: str | None = None) -> int:
-    """``python -m medart_core import SRC --dataset D``: prints the report; 0 when anything was imported."""
+               label: str | None = None, keep_identifiers: bool = False) -> int:
+    """``python -m medart_core import SRC --dataset D [--keep-identifiers]``: prints the report; 0 when anything
+    was imported."""
     from .captions import CaptionStore
 
     try:
         ws = Workspace.open(workspace)
         store = CaptionStore.for_workspace(ws)
         try:
-            report = import_images(ws, store, src, dataset, modality=modality, label=label)
+            report = import_images(ws, store, src, dataset, modality=modality, label=label,
+                                   keep_identifiers=keep_identifiers)
         finally:
             store.close()
     except MedArtError as e:
@@ -1091,8 +1239,7 @@ def iter_sample_images() -> Iterator[tuple[Image.Image, str, dict]]:
                     continue
                 seen.add(h)
                 windowing = info.get("windowing")
-                dicom = {k: info[k] for k in ("modality", "body_part", "series_description",
-                                              "study_description", "photometric", "bits_stored",
+                dicom = {k: info[k] for k in ("modality", "body_part", "photometric", "bits_stored",
                                               "transfer_syntax", "n_frames") if info.get(k) is not None}
                 yield img, src.label, {
                     "package": src.distribution,
@@ -1107,6 +1254,7 @@ def iter_sample_images() -> Iterator[tuple[Image.Image, str, dict]]:
                     "origin": src.origin,
                     "label_basis": src.anatomy_note,
                     **({"dicom": dicom} if dicom else {}),
+                    **({"needs_phi_review": True} if info.get("burned_in_annotation") else {}),
                 }
 
 
@@ -1127,8 +1275,10 @@ def build_sample_dataset(ws: Workspace, store: "CaptionStore", name: str = "samp
     try:
         for img, label, source in iter_sample_images():
             shown = f"{source['source_file']} frame {source['frame']} {source['view']} {source['crop_box']}"
-            staging.add(shown, img, label, {**source, "original_name": shown},
-                        draft=(SAMPLE_CLASSES[label], "template"), manifest_extra=source)
+            # The provenance names the package file, frame, view and crop box already; no extra "original name"
+            # (the same rule as users' imports, though these pip-shipped test files are no patient's).
+            staging.add(shown, img, label, dict(source), draft=(SAMPLE_CLASSES[label], "template"),
+                        manifest_extra=source)
         staging.commit(create={"modality": "mixed",
                                "meta": {"seed_captions": dict(SAMPLE_CLASSES), "builder": BUILDER}})
     except BaseException:

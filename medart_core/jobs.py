@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from . import durable
 from .errors import ConfigError, MedArtError, NotFoundError
 from .workspace import Workspace, validate_name
 
@@ -439,13 +440,16 @@ class JobLedger:
                                   f"{BUSY_TIMEOUT_MS // 1000} s); try again in a moment.") from e
             raise
         try:
+            tx = durable.begin(durable.JOBS, con, self.db_path)   # None unless MEDART_DURABLE_DIR is set
             yield con
+            entry = durable.collect(tx)          # new job events + their jobs rows (heartbeats write no event)
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
         else:
             con.execute("COMMIT")
+            durable.record(entry)                # appended + fsynced to the durable folder before we return
 
     def _init_schema(self) -> None:
         con = self._conn()
@@ -1327,8 +1331,12 @@ def prepare_train(ws: Workspace, config: dict[str, Any]) -> tuple[dict[str, Any]
     """``{"train": TrainConfig dict, "run": name?}`` for a new run, or ``{"resume": RUN, "train": ...?}`` to
     continue an existing one; optional ``max_steps`` overrides, ``preset``/``purpose`` labels. Validated here,
     at submit."""
+    from .spaces import environment, training_allowed
     from .train import TrainConfig
 
+    allowed, why = training_allowed(environment(ws.root))
+    if not allowed:   # e.g. ZeroGPU: a GPU per call, for seconds to minutes
+        raise ConfigError(why)
     unknown = sorted(set(config) - set(TRAIN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(f"Unknown train job keys {unknown}; use {list(TRAIN_CONFIG_KEYS)}.")

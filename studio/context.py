@@ -1,5 +1,6 @@
 """What every studio tab shares: the workspace, the caption store, the review resources (tokenizer, rules
-caches) and who is at the keyboard."""
+caches) and who is at the keyboard (``access``: open mode, password sign-in or Hugging Face OAuth; see
+``studio/auth.py``)."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from medart_core.constants import MAX_REVIEWER_CHARS, RANDOM_LABEL
 from medart_core.workspace import Workspace
+
+from .auth import Access
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -25,8 +28,14 @@ class StudioContext:
     # Background work started by the shell (e.g. building the sample dataset on first start).
     status: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Who may do what: open (no users; everyone is admin), password sign-in, or Hugging Face OAuth on a Space.
+    access: Access = field(default_factory=Access)
+    environment: str | None = None   # the banner's "where we run" line (medart_core.spaces), read once
     _review: "ReviewContext | None" = field(default=None, init=False, repr=False, compare=False)
     _review_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.auth_enabled = self.auth_enabled or self.access.enabled
 
     @property
     def review(self) -> "ReviewContext":
@@ -45,12 +54,29 @@ class StudioContext:
         return self.backbone_spec in PRESETS
 
     def backbone_label(self) -> str:
+        if self.backbone_spec == "demo":
+            from medart_core.constants import DEMO_LABEL
+
+            return f"demo ({DEMO_LABEL})"
         return f"{self.backbone_spec} ({RANDOM_LABEL})" if self.backbone_is_random else self.backbone_spec
 
+    def environment_line(self) -> str:
+        """Where the studio runs (Spaces, ZeroGPU, the accelerator), for the banner; read once per process."""
+        if self.environment is None:
+            from medart_core.spaces import banner_text, environment
+
+            self.environment = banner_text(environment(self.ws.root))
+        return self.environment
+
     def reviewer_for(self, request: "gr.Request | None", typed_name: str | None) -> str | None:
-        """The logged-in user when auth is on; otherwise the name typed once per browser session."""
+        """The logged-in user when auth is on (``request.username``, or the Hugging Face profile on a Space);
+        otherwise the name typed once per browser session."""
         user = getattr(request, "username", None) if request is not None else None
+        if not user and self.access.mode == "oauth":
+            user = self.access.user_of(request)
         if user:
             return str(user)
+        if self.access.enabled:
+            return None          # with sign-in on, a typed name never stands in for the user
         name = (typed_name or "").strip()
         return name[:MAX_REVIEWER_CHARS] or None

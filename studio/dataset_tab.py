@@ -3,9 +3,14 @@
 Only the current page's thumbnails go to the browser (``PAGE_SIZE`` at a time), so an 8,000-image dataset
 costs the same to browse as a 24-image one. Every event handler goes through ``studio.errors.user_errors``:
 a library error (unknown dataset, bad import) is shown as a ``gr.Error`` message, not a traceback.
+
+Browsing needs the annotator role (the tab's, in ``studio.app.TABS``); importing needs admin (``@requires``).
+Dataset names and class labels are restricted to a safe alphabet by the library, so they never carry markup;
+anything else from outside (an error text, the workspace path) is escaped before it reaches Markdown.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -13,8 +18,10 @@ from typing import Any
 
 import gradio as gr
 
+from medart_core.accounts import ADMIN
 from medart_core.errors import ConfigError
 
+from .auth import requires
 from .context import StudioContext
 from .errors import user_errors
 
@@ -30,11 +37,12 @@ def dataset_choices(ctx: StudioContext) -> list[str]:
 
 def workspace_banner(ctx: StudioContext) -> str:
     build = ctx.status.get("sample")
-    lines = [f"**Workspace** `{ctx.ws.root}` · **Backbone** {ctx.backbone_label()}"]
+    lines = [f"**Workspace** `{html.escape(str(ctx.ws.root))}` · **Backbone** {html.escape(ctx.backbone_label())}",
+             html.escape(ctx.environment_line())]
     if build == "building":
         lines.append("⏳ Building the sample dataset from images shipped in pip packages (first start only)…")
     elif isinstance(build, str) and build.startswith("error"):
-        lines.append(f"⚠️ Sample dataset could not be built: {build[6:]}")
+        lines.append(f"⚠️ Sample dataset could not be built: {html.escape(build[6:])}")
     return "\n\n".join(lines)
 
 
@@ -186,6 +194,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
     def _on_next(dataset, label, p):
         return _on_page(dataset, label, p, +1)
 
+    @requires(ADMIN)
     @user_errors
     def _on_import(files, name, label, modality, current):
         if not files:
@@ -206,7 +215,9 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
     prev_b.click(_on_prev, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_prev")
     next_b.click(_on_next, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_next")
     gallery.select(_on_select, ids, [big, head, caption, prov, hist], api_name=False)
-    imp_b.click(_on_import, [up, imp_name, imp_label, imp_mod, ds], [imp_report] + outs_all, api_name="import")
+    # One import at a time: it decodes and hashes every uploaded image.
+    imp_b.click(_on_import, [up, imp_name, imp_label, imp_mod, ds], [imp_report] + outs_all, api_name="import",
+                concurrency_limit=1)
     id_box = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
     id_box.change(_on_image_id, id_box, [big, head, caption, prov, hist], api_name="image_detail")
 

@@ -18,6 +18,7 @@ import gradio as gr
 from medart_core import generate as G
 from medart_core.constants import MAX_TOKENS, RANDOM_LABEL
 from medart_core.errors import MedArtError
+from medart_core.spaces import gpu_call
 
 from .context import StudioContext
 from .errors import user_errors
@@ -132,6 +133,14 @@ def _summary(imgs: list[G.GeneratedImage], what: str) -> str:
     return "\n\n".join(lines)
 
 
+def _generate(ws: Any, backbone: str, req: Any, progress: Any) -> Any:
+    return G.get_generator(ws, backbone).generate(req, progress=progress)
+
+
+# On ZeroGPU the GPU exists only inside a spaces.GPU call (defined once, at import); elsewhere this is _generate.
+_generate_on_gpu = gpu_call(_generate, duration=120)
+
+
 def run_generate(ctx: StudioContext, prompt: str, negative: str, checkpoint: str, strength: float, steps: int,
                  guidance: float, seed: int | float | None, random_seed: bool, n: int, resolution: int | float | None,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -146,7 +155,7 @@ def run_generate(ctx: StudioContext, prompt: str, negative: str, checkpoint: str
                               strength=float(strength), steps=int(steps), guidance=float(guidance),
                               seed=None if random_seed or seed is None else int(seed), n=int(n),
                               resolution=int(resolution) if resolution else None)
-    imgs = G.get_generator(ctx.ws, ctx.backbone_spec).generate(req, progress=progress)
+    imgs = _generate_on_gpu(ctx.ws, ctx.backbone_spec, req, progress)
     return {"gallery": _gallery(imgs), "summary": _summary(imgs, "Generated"),
             "seed": imgs[0].settings["request_seed"], "details": _details(imgs)}
 
