@@ -53,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if restored.enabled:
         print(restored.summary(), flush=True)
-    env = spaces.environment(ws.root)
-    if args.backbone is None:
-        args.backbone = spaces.default_backbone(env)
     access = Access.for_workspace(ws, host=args.host)
     if not access.enabled and not is_loopback(args.host) and not args.allow_open:
         print(f"error: refusing to serve on {args.host} without sign-in (no users in {access.users.path}): add one "
               "with `python -m medart_core users add NAME --role admin`, listen on 127.0.0.1, or pass --allow-open "
               "to let anyone who reaches the port act as admin", file=sys.stderr, flush=True)
         return 2
+    env = spaces.environment(ws.root)
+    if args.backbone is None:
+        args.backbone = spaces.default_backbone(env)
 
     from medart_core.captions import CaptionStore
     from studio.app import MAX_UPLOAD_MB, build_app, configure_queue, serve_kwargs, start_background_sample_build

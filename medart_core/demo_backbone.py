@@ -9,7 +9,7 @@ The recipe, every random draw seeded from ``seed``:
 
 1. build the sample dataset (213 real CT/MR/X-ray/ultrasound/fundus/histology images, 10 classes, each
    with its class's template caption) into a temporary workspace, and read it at 64 px;
-2. train ``AutoencoderKL`` (8x down, 4 latent channels) on random 32 px crops with flips (L1 + MSE + a
+2. train ``AutoencoderKL`` (4x down to 16x16x4 latents) on random 32 px crops with flips (L1 + MSE + a
    small KL term). The VAE is fully convolutional (no mid-block attention), so crops teach it the same
    local code as whole images at a quarter of the cost;
 3. standardise its latents per channel by folding their mean and std into ``quant_conv`` and
@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -67,15 +67,16 @@ class DemoArchitecture(JsonConfig):
     """Sizes of the demo backbone (PixArt-XL-2: 28 blocks of 16 heads x 72, T5-XXL d=4096, the SD VAE).
 
     Chosen for ≤ 5 MB of weights and a ≤ 30 min CPU recipe: the DiT (~1.8 M parameters, 6 blocks, hidden
-    128, patch 2 over 8x8 latents = 16 tokens) holds most of the budget, because it is what has to tell
-    ten classes apart; the VAE (~0.3 M) only has to reconstruct 64 px images; the frozen T5 (~0.1 M) only
-    has to keep the captions' tokens apart.
+    128, patch 2 over 16x16 latents = 64 tokens) holds most of the budget; the VAE (~0.23 M) downsamples
+    4x, not the SD VAE's 8x: at 64 px an 8x8x4 latent reconstructs too blurry for the CT and MR classes to
+    stay recognisable (measured: 23.4 vs 26.7 dB PSNR, and a classifier of the real images tells 60 % vs
+    72 % of the reconstructions' classes); the frozen T5 (~0.1 M) only has to keep the captions apart.
     """
 
     CONFIG_NAME = "demo architecture"
 
     resolution: int = 64
-    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+    vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_groups: int = 8
     latent_channels: int = 4
     t5_d_model: int = 64
@@ -101,7 +102,7 @@ class DemoSchedule(JsonConfig):
     vae_crop: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-3
-    dit_batch: int = 64
+    dit_batch: int = 32
     dit_lr: float = 1e-3
     dit_warmup: int = 100
     dit_final_lr_fraction: float = 0.1
@@ -202,7 +203,6 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def build_components(arch: DemoArchitecture, seed: int) -> "Backbone":
     """The untrained demo backbone: PixArt-α's classes at ``arch``'s sizes, seeded from ``seed``."""
-    import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -236,7 +236,7 @@ def build_components(arch: DemoArchitecture, seed: int) -> "Backbone":
             use_additional_conditions=False,
         )
     for m in (t5, vae, transformer):
-        m.to(torch.float32).eval().requires_grad_(False)
+        m.eval().requires_grad_(False)
     return Backbone(spec="demo", tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
                     scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG), resolution=arch.resolution,
                     is_random=False, extra={"label": DEMO_LABEL})
@@ -405,6 +405,7 @@ def _to_fp16(path: Path) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     half = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     save_file(half, str(path), metadata=meta)
+    path.chmod(0o644)  # safetensors writes through a private temporary file
 
 
 def _save(backbone: "Backbone", folder: Path) -> dict[str, str]:

@@ -27,7 +27,10 @@ def test_import_export_and_caption_roundtrip_through_cli(tmp_path):
             Image.fromarray((rng.random((130, 140, 3)) * 255).astype("uint8")).save(src / label / f"{label}{i}.png")
     (src / "nevus" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
 
-    out = run("import", str(src), "--workspace", str(ws), "--dataset", "derm", "--modality", "dermoscopy")
+    # --keep-identifiers (the admin opt-in) keeps original file names, which the caption import below matches;
+    # without it names are dropped (tests/test_hygiene.py) and captions match the exported file names.
+    out = run("import", str(src), "--workspace", str(ws), "--dataset", "derm", "--modality", "dermoscopy",
+              "--keep-identifiers")
     assert out.returncode == 0, out.stderr
     assert "6" in out.stdout and "broken.png" in out.stdout
 
