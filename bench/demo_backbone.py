@@ -2,7 +2,8 @@
 the shipped ``assets/demo_backbone`` against the random-weight ``tiny`` backbone; ``--build`` also times
 the full recipe.
 
-    python bench/demo_backbone.py [--per-class 16] [--threads 2] [--grid /tmp/demo_grid.png] [--build]
+    python bench/demo_backbone.py [--per-class 16] [--threads 2] [--grid /tmp/demo_grid.png]
+                                  [--build [--build-out assets/demo_backbone]]
 
 Protocol: the sample dataset is built in a temporary workspace. ``--per-class`` images are generated from
 each class's caption (20 DPM-Solver++ steps, CFG 4.5, negative "", seeds derived from (class, i)).
@@ -150,25 +151,30 @@ def write_grid(path, classes, demo_imgs, tiny_imgs, real_u8, real_labels, per_cl
     print(f"grid (rows: real, demo, tiny; columns: {', '.join(classes)}): {path}", flush=True)
 
 
-def time_build(threads: int) -> dict:
+def time_build(threads: int, out: str | None) -> dict:
+    """Run the full recipe into ``out`` (default: a temporary folder) and compare its files with the
+    manifest of the shipped folder as it was before the build."""
     import shutil
 
     from medart_core.backbone import DEMO_DIR
     from medart_core.demo_backbone import MANIFEST, build_demo_backbone
 
-    out = Path(tempfile.mkdtemp(prefix="medart-bench-demo-build-")) / "demo_backbone"
+    ref = DEMO_DIR / MANIFEST
+    shipped = json.loads(ref.read_text(encoding="utf-8"))["files"] if ref.is_file() else {}
+    tmp = None if out else Path(tempfile.mkdtemp(prefix="medart-bench-demo-build-"))
+    target = Path(out) if out else tmp / "demo_backbone"
     try:
         t = time.perf_counter()
-        m = build_demo_backbone(out, schedule="full", seed=0, log=lambda s: print(s, flush=True))
+        m = build_demo_backbone(target, schedule="full", seed=0, log=lambda s: print(s, flush=True))
         wall = time.perf_counter() - t
-        shipped = json.loads((DEMO_DIR / MANIFEST).read_text(encoding="utf-8"))["files"]
         same = {k: shipped.get(k, {}).get("sha256") == v["sha256"] for k, v in m["files"].items()}
         return {"build_s": wall, "build_seconds": m["build_seconds"], "build_threads": threads,
                 "build_total_bytes": m["total_bytes"], "build_metrics": m["metrics"],
-                "build_matches_shipped": all(same.values()),
+                "build_matches_previous": bool(shipped) and all(same.values()) and set(shipped) == set(same),
                 "build_files_differing": sorted(k for k, ok in same.items() if not ok)}
     finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -176,7 +182,10 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default="/tmp/demo_grid.png")
-    ap.add_argument("--build", action="store_true", help="also time the full recipe (~20 min on 2 cores)")
+    ap.add_argument("--build", action="store_true", help="also time the full recipe (~20-40 min on 2 cores)")
+    ap.add_argument("--build-out", default=None,
+                    help="where --build writes (default: a temporary folder; assets/demo_backbone rebuilds the "
+                         "shipped weights, compared with the files they replace)")
     args = ap.parse_args()
 
     import torch
@@ -195,8 +204,9 @@ def main() -> None:
 
     result: dict = {}
     if args.build:
-        result.update(time_build(args.threads))
-        print(f"full recipe: {result['build_s']:.0f} s, matches shipped: {result['build_matches_shipped']}", flush=True)
+        result.update(time_build(args.threads, args.build_out))
+        print(f"full recipe: {result['build_s']:.0f} s wall, {result['build_seconds'].get('cpu_s', 0):.0f} CPU s; "
+              f"same files as the previous build: {result['build_matches_previous']}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="medart-bench-demo-") as root:
         ws = Workspace.open(root)
