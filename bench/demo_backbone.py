@@ -15,8 +15,8 @@ unbalanced ``evaluate.domain_extractor`` classifier). ``fd_domain_*`` is the Fr√
 domain extractor's 64-d penultimate features of the generated images and of all 213 real images. Memorisation: for each generated image the
 most similar training image, by cosine similarity of those features (``nearest_training_images``,
 ``nn_similarity_median``, flagged ‚â• 0.95) and, in pixels, the PSNR to the nearest training image or its
-mirror image (``nn_pixel_psnr_median``; a copy of a training image scores what the VAE reconstructs,
-~23 dB). ``load_s``: ``load_backbone("demo")`` after the imports, median of 3; ``generate_one_s``: one
+mirror image (``nn_pixel_psnr_median``; a copy of a training image scores about what the VAE reconstructs,
+~28 dB for the shipped build). ``load_s``: ``load_backbone("demo")`` after the imports, median of 3; ``generate_one_s``: one
 64 px image (T5, 20 steps with CFG, VAE decode), median of 5.
 
 Last line: one JSON object.

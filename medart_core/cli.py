@@ -16,7 +16,8 @@ from .errors import MedArtError
 # Modules that add sub-commands of their own: captioning, training, out-of-process jobs, users. Each must exist
 # and define ``register_cli(subparsers)``.
 SUBCOMMAND_MODULES = ("medart_core.vsg", "medart_core.train", "medart_core.jobs", "medart_core.generate",
-                      "medart_core.evaluate", "medart_core.accounts", "medart_core.demo_backbone")
+                      "medart_core.evaluate", "medart_core.accounts", "medart_core.demo_backbone",
+                      "medart_core.ablation")
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ __all__ = [
     "pixel_hash", "load_image_file", "load_dicom", "dicom_label", "normalize_label",
     "import_images", "build_sample_dataset", "import_cli", "sample_data_cli",
     "DICOM_STORED_TAGS", "DICOM_IDENTIFYING_KEYWORDS", "dicom_identifiers", "keeps_identifiers",
-    "needs_phi_review",
+    "needs_phi_review", "derive_dataset",
 ]
 
 # Decompression-bomb cap, checked on the header *before* any pixel is decoded. It is below Pillow's own
@@ -1305,3 +1305,47 @@ def sample_data_cli(workspace: str | None, name: str = "sample") -> int:
     print(report.summary(max_skipped=5))
     print(f"Images: {ws.images_dir(name)}\nManifest: {ws.manifest_path(name)}")
     return 0 if report.imported else 1
+
+
+# =========================================================================================================
+# Derived datasets (e.g. the ablation's colour-shifted fine-tuning set)
+# =========================================================================================================
+def derive_dataset(ws: Workspace, store: "CaptionStore", source: str, name: str, *,
+                   transform: Callable[[Image.Image], Image.Image], transform_name: str,
+                   classes: list[str] | None = None,
+                   caption: Callable[[Image.Image, str], str] | None = None,
+                   caption_source: str = "derived") -> ImportReport:
+    """A new dataset ``name`` holding ``transform(image)`` of each image of ``source`` (only ``classes`` when
+    given), in one all-or-nothing batch like an import. Each image keeps its label and its source's provenance,
+    plus ``derived_from`` (dataset, image id, pixel hash) and ``transform``; its draft is ``caption(new_image,
+    label)`` when given, else none. The dataset's modality and seed captions are the source's.
+    Raises ConfigError if ``name`` exists, NotFoundError if ``source`` has no image of ``classes``."""
+    t0 = time.monotonic()
+    validate_name(name, "dataset name")
+    if store.has_dataset(name):
+        raise ConfigError(f"Dataset {name!r} already exists ({store.count_images(name)} images); derive into "
+                          "another name.")
+    info = store.dataset_info(source)
+    recs = [r for r in sorted(store.list_images(source), key=lambda r: r.id)
+            if classes is None or r.label in classes]
+    if not recs:
+        raise NotFoundError(f"Dataset {source!r} has no images of class(es) {classes}.")
+    report = ImportReport(name)
+    staging = _Staging(ws, store, name, report)
+    try:
+        for r in recs:
+            with Image.open(ws.image_path(source, r.file_name)) as im:
+                img = transform(im.convert("RGB"))
+            prov = {**dict(r.source or {}), "derived_from": {"dataset": source, "image_id": r.id,
+                                                              "pixel_hash": r.pixel_hash},
+                    "transform": transform_name}
+            draft = (caption(img, r.label), caption_source) if caption is not None else None
+            staging.add(f"{source}#{r.id}", img, r.label, prov, draft=draft)
+        meta = {k: v for k, v in (info.meta or {}).items() if k in ("seed_captions", "keep_identifiers")}
+        staging.commit(create={"modality": info.modality,
+                               "meta": {**meta, "derived_from": source, "transform": transform_name}})
+    except BaseException:
+        staging.discard()
+        raise
+    report.seconds = time.monotonic() - t0
+    return report

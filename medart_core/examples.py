@@ -77,16 +77,37 @@ def examples_from_folder(folder: Path) -> tuple[list[Example], list[Example]]:
     return train, val
 
 
+def with_caption_text(examples: list[Example], mode: str, class_caption: Any = None) -> list[Example]:
+    """The examples with the text ``mode`` asks for: "caption" (unchanged), "class" (``class_caption(label)``,
+    the class's seed caption) or "empty" (""). The caption version records the mode, so the run's captions
+    digest tells the variants apart."""
+    from dataclasses import replace
+
+    if mode == "caption":
+        return examples
+    if mode == "class":
+        unlabelled = [e.key for e in examples if not e.label]
+        if unlabelled or class_caption is None:
+            raise ConfigError(f"caption_text 'class' needs each image's class, which {unlabelled[:3] or 'this source'} "
+                              "lacks: train from a workspace dataset (--captions approved or latest).")
+        return [replace(e, text=class_caption(e.label), caption_version=f"{e.caption_version}:class") for e in examples]
+    if mode == "empty":
+        return [replace(e, text="", caption_version=f"{e.caption_version}:empty") for e in examples]
+    raise ConfigError(f"caption_text must be caption, class or empty, got {mode!r}.")
+
+
 def collect_examples(ws: Workspace, store: Any, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(pool, explicit validation split) for ``cfg.captions``; the validation split is empty unless the
-    source is an exported imagefolder that has one."""
+    """(pool, explicit validation split) for ``cfg.captions``, with the text ``cfg.caption_text`` asks for;
+    the validation split is empty unless the source is an exported imagefolder that has one."""
+    mode = getattr(cfg, "caption_text", "caption")
     source = cfg.captions
     if source not in ("approved", "latest"):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"--captions must be 'approved', 'latest' or an exported dataset folder; "
                               f"{source!r} is none of them.")
-        return examples_from_folder(folder)
+        pool, val = examples_from_folder(folder)
+        return with_caption_text(pool, mode), with_caption_text(val, mode)
     states = store.states(cfg.dataset, status="approved") if source == "approved" else store.states(cfg.dataset)
     states = [s for s in states if s.text and s.text.strip()]
     if not states:
@@ -103,7 +124,17 @@ def collect_examples(ws: Workspace, store: Any, cfg: TrainConfig) -> tuple[list[
         rec = records[s.image_id]
         out.append(Example(key=f"img-{s.image_id}", path=ws.image_path(cfg.dataset, rec.file_name), text=s.text,
                            caption_version=str(s.caption_version), pixel_hash=rec.pixel_hash, label=rec.label))
-    return out, []
+    return with_caption_text(out, mode, lambda label: class_seed_caption(store, cfg.dataset, label)), []
+
+
+def class_seed_caption(store: Any, dataset: str, label: str) -> str:
+    """The class-only caption of ``label`` in ``dataset``: its seed caption (the dataset's own, else the
+    modality template), the text a VSG draft starts from."""
+    from .vsg import template_caption
+
+    info = store.dataset_info(dataset)
+    seeds = (info.meta or {}).get("seed_captions")
+    return template_caption(label, info.modality, seeds if isinstance(seeds, dict) else None)
 
 
 def split_holdout(pool: list[Example], explicit_val: list[Example], n_val: int, seed: int

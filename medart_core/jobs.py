@@ -1497,6 +1497,8 @@ if __name__ != "__main__":   # as `python -m medart_core.jobs`, the canonical mo
                   prepare="medart_core.evaluate:prepare_evaluate_job")
     register_kind("generate", "medart_core.generate:run_generate_job", uses_gpu=True,
                   prepare="medart_core.generate:prepare_generate_job")
+    register_kind("ablation", "medart_core.ablation:run_ablation_job", uses_gpu=True,
+                  prepare="medart_core.ablation:prepare_ablation_job")
 
 
 # =========================================================================================================

@@ -22,6 +22,11 @@ from .lora import LoRAConfig
 from .workspace import validate_name
 
 
+# What text each training image is paired with (the paper's caption ablation: VSG captions, class-only
+# "simple" captions, no captions).
+CAPTION_TEXTS = ("caption", "class", "empty")
+
+
 @dataclass
 class TrainConfig:
     """One training run, as data. ``to_dict``/``from_dict`` round-trip through JSON exactly."""
@@ -30,6 +35,8 @@ class TrainConfig:
     resolution: int | None = None          # pixels; None = the backbone's own resolution
     dataset: str = "sample"
     captions: str = "approved"             # "approved" | "latest" | path to an exported imagefolder/CSV folder
+    caption_text: str = "caption"          # what each image trains with: "caption" (its own), "class" (its class's
+                                           # seed caption: the paper's "simple" captions) or "empty" ("")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     hldf: HLDFConfig = field(default_factory=HLDFConfig)
     lr: float = 1e-4                       # constant, as the paper
@@ -120,6 +127,8 @@ class TrainConfig:
             raise ConfigError(f"val_images must be >= 0, got {self.val_images}.")
         if not self.validation_seeds:
             raise ConfigError("validation_seeds must name at least one seed.")
+        if self.caption_text not in CAPTION_TEXTS:
+            raise ConfigError(f"caption_text must be one of {', '.join(CAPTION_TEXTS)}, got {self.caption_text!r}.")
         self.hldf.validate()
         validate_name(self.dataset, "dataset name")
 

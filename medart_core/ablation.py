@@ -1,0 +1,671 @@
+"""The paper's ablation (Table 3) in miniature, on the embedded demo backbone, on two CPU cores.
+
+``python -m medart_core ablation --preset mini`` (in the foreground, or ``--job`` to queue it as an
+``ablation`` job) fine-tunes the demo backbone once per (row, seed) with the library's own trainer and
+scores each result under one protocol. Finished cells are saved as they complete, so a stopped or crashed
+ablation continues where it was (a half-trained cell resumes from its checkpoint).
+
+**The fine-tuning set.** The demo backbone learnt the sample's 213 images, so a held-out subset of them has
+the colour statistics it already draws and leaves the colour loss nothing to fix. The set is instead the
+sample's colour-photograph classes (fundus photographs and IHC histology, 59 images) through a fixed
+white-balance shift (:data:`SHIFT_GAIN`, :data:`SHIFT_OFFSET`: red down, blue up, as from another fundus
+camera or stain batch). The backbone, prompted with these images' captions, draws the *unshifted* colours:
+a measurable gap in channel means and spreads, which is what HLDF's colour-moment loss targets (the
+paper's setting: PixArt-α's natural-image colours against endoscopy and dermoscopy).
+
+**Captions.** No VLM runs offline, so the "VSG" rows use *measured-feature captions*, a stand-in written by
+:func:`measured_caption`: the class's seed caption plus words computed from the image's pixels (brightness,
+contrast, colour cast). The caption rows train on the class's seed caption only (``caption_text="class"``)
+or on "" (``"empty"``); each row is evaluated with its own kind of prompt.
+
+**Rows** (:data:`ROWS`): LoRA on DiT+T5 without HLDF; HLDF (Med-Art); HLDF without T5 LoRA; HLDF with DoRA;
+HLDF with class-only captions; HLDF with empty captions; plus the demo backbone without fine-tuning as a
+reference. Every row uses the same steps, data order, learning rate and seeds.
+
+**Scores** per cell, against the 59 real (shifted) images, with ``eval_per_image`` generated images per real
+image (its prompt in the row's caption style, seeds derived from the cell's seed and the image):
+
+* ``color_gap``: the colour-moment loss of Med-Art between each generated image and its real image,
+  ``Σ_c (μ_c(x̃) − μ_c(x))² + (σ_c(x̃) − σ_c(x))²`` in [-1, 1] units, averaged;
+* ``fd_domain`` (with a bias-corrected bootstrap interval) and ``kid_domain`` (mean ± std over subsets) in
+  the 64-d feature space of the domain classifier trained on the 213 unshifted sample images
+  (``evaluate.domain_extractor``); the same with Inception / DINOv2 when their weights are present;
+* ``train_s`` and ``eval_s``.
+
+A row's figure is the mean over seeds with a 95 % t-interval over seeds; the effects the paper claims are
+tested with paired (same-seed) differences (:func:`effects`). The reference set is the fine-tuning set
+itself (59 images is all there is): the scores measure fit to the target colours and features, not
+generalisation to new images.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+from .config import JsonConfig
+from .errors import ConfigError, MedArtError, MissingWeightsError
+from .fileio import atomic_write_text
+from .seeds import derive_seed
+from .workspace import Workspace
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+ABLATION_FORMAT = 1
+SOURCE_DATASET = "sample"
+COLOUR_CLASSES = ("fundus_retina", "histology_ihc")
+SHIFT_GAIN = (0.72, 1.08, 1.30)          # per RGB channel, applied to 0..255 values
+SHIFT_OFFSET = (0.0, 6.0, 24.0)
+SHIFT_NAME = f"white-balance shift: rgb * {list(SHIFT_GAIN)} + {list(SHIFT_OFFSET)}, clipped to 0..255"
+DATASET = "ablation-shifted"
+CAPTION_SOURCE = "measured"              # the drafts' source in the caption history
+
+
+# =========================================================================================================
+# The fine-tuning set
+# =========================================================================================================
+def colour_shift(img: "Image.Image") -> "Image.Image":
+    """The fixed white-balance shift of the ablation's fine-tuning set (RGB in, RGB out)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    out = arr * np.asarray(SHIFT_GAIN, dtype=np.float32) + np.asarray(SHIFT_OFFSET, dtype=np.float32)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+
+_HUES = ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"),
+         (300, "purple"), (345, "magenta"), (360, "red"))
+
+
+def measured_caption(img: "Image.Image", seed_caption: str) -> str:
+    """``seed_caption`` plus words measured from the pixels: brightness, contrast and colour cast, e.g.
+    "A colour fundus photograph of the retina, mid-toned with moderate contrast and a magenta cast".
+    A stand-in for the VLM's visual-symptom captions (deterministic; no weights needed)."""
+    import numpy as np
+
+    x = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    lum = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    m, s = float(lum.mean()), float(lum.std())
+    bright = "dark" if m < 0.3 else "mid-toned" if m < 0.55 else "bright"
+    contrast = "low" if s < 0.12 else "moderate" if s < 0.22 else "high"
+    h, sat, _ = colorsys.rgb_to_hsv(*x.reshape(-1, 3).mean(axis=0))
+    if sat < 0.12:
+        cast = "a neutral grey tone"
+    else:
+        hue = next(name for limit, name in _HUES if h * 360.0 < limit)
+        cast = f"{'an' if hue[0] in 'aeiou' else 'a'} {hue} cast"
+    return f"{seed_caption.rstrip('. ')}, {bright} with {contrast} contrast and {cast}"
+
+
+def prepare_dataset(ws: Workspace, store: Any, *, log: Callable[[str], None] = print) -> str:
+    """The shifted fine-tuning set (built once from the sample dataset, which is built first if missing);
+    returns its name. An existing dataset of that name made another way is refused, never overwritten."""
+    from .data import build_sample_dataset, derive_dataset
+    from .examples import class_seed_caption
+
+    if not store.has_dataset(SOURCE_DATASET):
+        log("building the sample dataset")
+        build_sample_dataset(ws, store, SOURCE_DATASET)
+    if store.has_dataset(DATASET):
+        meta = store.dataset_info(DATASET).meta or {}
+        if meta.get("transform") != SHIFT_NAME or meta.get("derived_from") != SOURCE_DATASET:
+            raise ConfigError(f"Dataset {DATASET!r} exists but was not made by this ablation ({meta.get('transform')!r}); "
+                              "rename or remove it, or run the ablation in another workspace.")
+        return DATASET
+    seeds = {c: class_seed_caption(store, SOURCE_DATASET, c) for c in COLOUR_CLASSES}
+    rep = derive_dataset(ws, store, SOURCE_DATASET, DATASET, transform=colour_shift, transform_name=SHIFT_NAME,
+                         classes=list(COLOUR_CLASSES), caption=lambda img, label: measured_caption(img, seeds[label]),
+                         caption_source=CAPTION_SOURCE)
+    log(f"fine-tuning set {DATASET!r}: {len(rep.imported)} colour-shifted images of {', '.join(COLOUR_CLASSES)}")
+    return DATASET
+
+
+# =========================================================================================================
+# Rows and presets
+# =========================================================================================================
+@dataclass(frozen=True)
+class AblationRow:
+    name: str
+    label: str
+    paper: str                      # the paper's figure for this row (Kvasir FID, Table 3 / §4)
+    lora: dict[str, Any]            # overrides on the preset's LoRA section
+    hldf: bool                      # pixel-level steps on (every preset.pixel_every) or off
+    caption_text: str               # TrainConfig.caption_text
+    train: bool = True              # False: the backbone as it is (the reference row)
+
+
+ROWS: tuple[AblationRow, ...] = (
+    AblationRow("base", "demo backbone, no fine-tuning", "-", {}, False, "caption", train=False),
+    AblationRow("lora", "LoRA DiT+T5, no HLDF", "72.86", {}, False, "caption"),
+    AblationRow("hldf", "HLDF (Med-Art)", "51.99", {}, True, "caption"),
+    AblationRow("hldf-no-t5", "HLDF, no T5 LoRA", "63.10", {"t5_enabled": False}, True, "caption"),
+    AblationRow("hldf-dora", "HLDF with DoRA", "55.88", {"use_dora": True}, True, "caption"),
+    AblationRow("hldf-class", "HLDF, class-only captions", "55.44", {}, True, "class"),
+    AblationRow("hldf-empty", "HLDF, empty captions", "59.12", {}, True, "empty"),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
+@dataclass(frozen=True)
+class AblationPreset(JsonConfig):
+    """How long each cell trains and how it is scored (the same for every row)."""
+
+    CONFIG_NAME: ClassVar[str] = "ablation preset"
+
+    name: str
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    rows: tuple[str, ...] = ROW_NAMES
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-4                # the paper's (constant)
+    rank: int = 8
+    pixel_every: int = 10           # the paper's N=500 is 1/240 of its 120k steps; 200 steps need a denser N
+    sample_steps: int = 10          # M of the pixel-level generation (the paper's 20 would double its cost)
+    guidance: float = 4.5
+    eval_per_image: int = 2         # generated images per real image
+    eval_steps: int = 20
+    eval_guidance: float = 4.5
+    extractor_epochs: int = 15
+    kid_subsets: int = 50
+    n_boot: int = 50
+    extra_extractors: tuple[str, ...] = ("inception", "dinov2")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "rows", tuple(self.rows))
+        object.__setattr__(self, "extra_extractors", tuple(self.extra_extractors))
+        unknown = sorted(set(self.rows) - set(ROW_NAMES))
+        if unknown:
+            raise ConfigError(f"Unknown ablation rows {unknown}; choose from {list(ROW_NAMES)}.")
+        for k in ("steps", "batch_size", "rank", "pixel_every", "sample_steps", "eval_per_image", "eval_steps",
+                  "extractor_epochs", "kid_subsets"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"ablation {k} must be >= 1, got {getattr(self, k)}.")
+        if not self.seeds:
+            raise ConfigError("an ablation needs at least one seed.")
+
+    def digest(self) -> str:
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha256(json.dumps([d, ABLATION_FORMAT], sort_keys=True).encode()).hexdigest()[:10]
+
+
+PRESETS: dict[str, AblationPreset] = {
+    # Table 3 in miniature: 6 rows x 4 seeds (+ the reference) in ~25 min on 2 CPU cores (bench/RESULTS.md).
+    "mini": AblationPreset("mini"),
+    # The same code in about a minute: the test suite's version.
+    "smoke": AblationPreset("smoke", seeds=(0,), steps=4, batch_size=2, pixel_every=2, sample_steps=2,
+                            eval_per_image=1, eval_steps=4, extractor_epochs=1, kid_subsets=5, n_boot=5,
+                            extra_extractors=()),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> AblationPreset:
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown ablation preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+
+def train_config(preset: AblationPreset, row: AblationRow, seed: int, dataset: str) -> Any:
+    """The TrainConfig of one cell: the demo backbone, the preset's schedule, the row's switches."""
+    from .train_config import TrainConfig
+
+    steps = int(preset.steps)
+    return TrainConfig.from_dict({
+        "backbone": "demo", "dataset": dataset, "captions": "latest", "caption_text": row.caption_text,
+        "lora": {"rank": preset.rank, "alpha": float(preset.rank), "t5_enabled": True, "use_dora": False,
+                 **row.lora},
+        # Without HLDF the pixel step never comes: N beyond the last step.
+        "hldf": {"pixel_every": preset.pixel_every if row.hldf else steps + 1, "sample_steps": preset.sample_steps,
+                 "guidance": preset.guidance, "checkpointing": False},
+        "lr": preset.lr, "batch_size": preset.batch_size, "max_steps": steps, "seed": int(seed),
+        "checkpoint_every": steps, "keep_checkpoints": 1, "validate_every": steps, "validation_seeds": [0],
+        "validation_steps": 4, "val_images": 0, "export_merged": False,
+    })
+
+
+# =========================================================================================================
+# Scoring
+# =========================================================================================================
+@dataclass
+class Reference:
+    """The real images and their features, computed once per ablation."""
+
+    keys: list[str]
+    labels: list[str]
+    prompts: dict[str, list[str]]                  # caption_text -> one prompt per real image
+    pixel_hashes: list[str]
+    pixels: "torch.Tensor"                         # float [N,3,S,S] in [-1, 1]
+    extractors: dict[str, Any]                     # name -> Extractor
+    features: dict[str, "torch.Tensor"]            # name -> [N, D]
+    absent: dict[str, str] = field(default_factory=dict)   # extractor name -> why it is not used
+
+
+def load_reference(ws: Workspace, store: Any, dataset: str, preset: AblationPreset, *,
+                   log: Callable[[str], None] = print) -> Reference:
+    import torch
+
+    from .evaluate import domain_extractor, load_images
+    from .examples import class_seed_caption
+    from .extractors import images_to_uint8
+
+    recs = sorted(store.list_images(dataset), key=lambda r: r.id)
+    states = {s.image_id: s for s in store.states(dataset)}
+    recs = [r for r in recs if r.id in states and states[r.id].text]
+    if not recs:
+        raise ConfigError(f"Dataset {dataset!r} has no captioned images to score against.")
+    size = 64
+    u8 = images_to_uint8(load_images([ws.image_path(dataset, r.file_name) for r in recs]), size)
+    prompts = {"caption": [states[r.id].text for r in recs],
+               "class": [class_seed_caption(store, dataset, r.label) for r in recs],
+               "empty": ["" for _ in recs]}
+    extractors: dict[str, Any] = {
+        "domain": domain_extractor(ws, store, SOURCE_DATASET, size=size, seed=0, epochs=preset.extractor_epochs)}
+    absent: dict[str, str] = {}
+    for name in preset.extra_extractors:
+        try:
+            if name == "inception":
+                from .extractors import InceptionExtractor
+
+                extractors[name] = InceptionExtractor()
+            elif name == "dinov2":
+                from .extractors import Dinov2Extractor
+
+                extractors[name] = Dinov2Extractor(os.environ.get("MEDART_DINOV2") or None)
+            else:
+                raise ConfigError(f"unknown extractor {name!r}")
+        except MedArtError as e:
+            absent[name] = str(e).split(". ")[0].split(" (")[0].rstrip(".") + "."
+            log(f"{name}: not used ({absent[name]})")
+    feats = {n: ex.features(u8) for n, ex in extractors.items()}
+    return Reference(keys=[f"img-{r.id}" for r in recs], labels=[r.label for r in recs], prompts=prompts,
+                     pixel_hashes=[r.pixel_hash for r in recs], pixels=u8.float() / 127.5 - 1.0,
+                     extractors=extractors, features=feats, absent=absent)
+
+
+def generate_eval_images(backbone: Any, ref: Reference, row: AblationRow, seed: int, preset: AblationPreset,
+                         *, batch: int = 32) -> tuple["torch.Tensor", list[int]]:
+    """float [N*k,3,S,S] in [-1, 1]: ``eval_per_image`` images per real image, from its prompt in the row's
+    caption style; returns them with the index of the real image each belongs to."""
+    import torch
+
+    from . import pixart
+
+    jobs = [(i, derive_seed(seed, "ablation-eval", ref.pixel_hashes[i], k, bits=31))
+            for i in range(len(ref.keys)) for k in range(preset.eval_per_image)]
+    prompts = ref.prompts[row.caption_text]
+    out = []
+    backbone.transformer.eval()
+    backbone.text_encoder.eval()
+    with torch.no_grad():
+        for j in range(0, len(jobs), batch):
+            chunk = jobs[j:j + batch]
+            emb, mask = pixart.encode_text(backbone, [prompts[i] for i, _ in chunk])
+            noise = torch.cat([pixart.initial_noise(pixart.latent_shape(backbone, 1), torch.Generator().manual_seed(s))
+                               for _, s in chunk])
+            lat = pixart.sample_latents(backbone, emb, mask, steps=preset.eval_steps, guidance=preset.eval_guidance,
+                                        latents=noise)
+            out.append(pixart.decode(backbone.vae, lat).float().clamp(-1, 1))
+    return torch.cat(out), [i for i, _ in jobs]
+
+
+def score_images(fake: "torch.Tensor", owner: list[int], ref: Reference, preset: AblationPreset) -> dict[str, Any]:
+    """The cell's scores (see the module docstring)."""
+    import torch
+
+    from . import metrics as M
+    from .hldf import color_moment_loss
+
+    real_px = ref.pixels[torch.as_tensor(owner)]
+    out: dict[str, Any] = {"n_generated": int(fake.shape[0]), "n_real": len(ref.keys),
+                           "color_gap": float(color_moment_loss(fake, real_px))}
+    u8 = ((fake + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    for name, ex in ref.extractors.items():
+        real_f, fake_f = ref.features[name], ex.features(u8)
+        fd = M.frechet_distance(real_f, fake_f)
+        kid = M.kernel_inception_distance(real_f, fake_f, n_subsets=preset.kid_subsets, seed=0)
+        out[f"fd_{name}"] = fd
+        out[f"fd_{name}_ci"] = list(M.bootstrap_ci(real_f, fake_f, M.frechet_distance, n_boot=preset.n_boot, seed=0))
+        out[f"kid_{name}"], out[f"kid_{name}_std"] = kid.mean, kid.std
+        out[f"kid_{name}_subset"] = kid.subset_size
+    return out
+
+
+# =========================================================================================================
+# Running the cells
+# =========================================================================================================
+def ablation_dir(ws: Workspace, preset: AblationPreset) -> Path:
+    return ws.root / "ablations" / f"{preset.name}-{preset.digest()}"
+
+
+def cell_name(row: str, seed: int) -> str:
+    return f"{row}-s{seed}"
+
+
+def run_name(preset: AblationPreset, row: str, seed: int) -> str:
+    return f"ablation-{preset.name}-{preset.digest()}-{cell_name(row, seed)}"
+
+
+class _StopCallbacks:
+    def __init__(self, should_stop: Callable[[], bool]):
+        self._stop = should_stop
+
+    def should_stop(self) -> bool:
+        return bool(self._stop())
+
+
+def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow, seed: int, ref: Reference, *,
+             dataset: str, log: Callable[[str], None] = print,
+             should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+    """Train (unless the reference row) and score one cell; None when stopped midway. A run of this cell
+    left by an earlier attempt is resumed from its checkpoint, not retrained."""
+    import torch
+
+    from .backbone import load_backbone
+    from .train import train
+
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"row": row.name, "seed": int(seed)}
+    if row.train:
+        name = run_name(preset, row.name, seed)
+        cfg = train_config(preset, row, seed, dataset)
+        resume = name if ws.run_layout(name).config.exists() else None
+        res = train(None if resume else cfg, ws, store, run_name=None if resume else name, resume=resume,
+                    callbacks=_StopCallbacks(should_stop), log=lambda m: None)
+        if res.status != "finished":
+            return None
+        backbone = res.backbone
+        pixel_steps = sum(1 for line in Path(res.metrics_path).read_text(encoding="utf-8").splitlines()
+                          if '"pixel_step": true' in line)
+        info.update(run=name, pixel_steps=pixel_steps, train_s=round(time.perf_counter() - t0, 2))
+    else:
+        torch.manual_seed(seed)
+        backbone = load_backbone("demo")
+        info.update(run=None, pixel_steps=0, train_s=0.0)
+    if should_stop():
+        return None
+    t1 = time.perf_counter()
+    fake, owner = generate_eval_images(backbone, ref, row, seed, preset)
+    info.update(score_images(fake, owner, ref, preset))
+    info["eval_s"] = round(time.perf_counter() - t1, 2)
+    info["sample_grid"] = _save_strip(ablation_dir(ws, preset) / "samples" / f"{cell_name(row.name, seed)}.png",
+                                      fake, owner, ref)
+    log(f"{cell_name(row.name, seed)}: colour gap {info['color_gap']:.4f}, FD(domain) {info['fd_domain']:.2f}, "
+        f"KID(domain) {info['kid_domain']:.4f}, {info['train_s']:.0f} s train + {info['eval_s']:.0f} s eval")
+    return info
+
+
+def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], ref: Reference, n: int = 8) -> str:
+    """Real images (top) above the first generated image of each (bottom): the cell at a glance."""
+    from PIL import Image
+
+    from .pixart import to_pil
+
+    firsts: dict[int, int] = {}
+    for j, i in enumerate(owner):
+        firsts.setdefault(i, j)
+    picks = sorted(firsts.items())[:: max(1, len(firsts) // n)][:n]
+    real = to_pil(ref.pixels[[i for i, _ in picks]])
+    gen = to_pil(fake[[j for _, j in picks]])
+    s = real[0].width
+    canvas = Image.new("RGB", (s * len(picks), 2 * s))
+    for k, (a, b) in enumerate(zip(real, gen)):
+        canvas.paste(a, (k * s, 0))
+        canvas.paste(b, (k * s, s))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return str(path)
+
+
+def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Callable[[str], None] = print,
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+    """Every (row, seed) cell of ``preset`` not already done, then the table (``table.json``, ``table.md``
+    in :func:`ablation_dir`). Returns the table, or None when stopped (finished cells are kept)."""
+    import torch
+
+    t0 = time.perf_counter()
+    out = ablation_dir(ws, preset)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "preset.json", preset.to_json())
+    dataset = prepare_dataset(ws, store, log=log)
+    ref = load_reference(ws, store, dataset, preset, log=log)
+    rows = [r for r in ROWS if r.name in preset.rows]
+    cells = [(r, s) for r in rows for s in preset.seeds]
+    threads = torch.get_num_threads()
+    log(f"ablation {out.name}: {len(rows)} rows x {len(preset.seeds)} seeds, {preset.steps} steps each, "
+        f"{len(ref.keys)} real images, {torch.get_num_threads()} threads")
+    for k, (row, seed) in enumerate(cells):
+        path = out / "cells" / f"{cell_name(row.name, seed)}.json"
+        if progress is not None:
+            progress(k, len(cells))
+        if path.is_file():
+            continue
+        if should_stop():
+            return None
+        info = run_cell(ws, store, preset, row, seed, ref, dataset=dataset, log=log, should_stop=should_stop)
+        if info is None:
+            return None
+        atomic_write_text(path, json.dumps(info, indent=1, sort_keys=True))
+    if progress is not None:
+        progress(len(cells), len(cells))
+    results = [json.loads((out / "cells" / f"{cell_name(r.name, s)}.json").read_text(encoding="utf-8"))
+               for r, s in cells]
+    table = make_table(preset, rows, results, absent=ref.absent, threads=threads,
+                       wall_s=round(time.perf_counter() - t0, 1))
+    atomic_write_text(out / "table.json", json.dumps(table, indent=1, sort_keys=True))
+    atomic_write_text(out / "table.md", format_table(table))
+    log(f"table: {out / 'table.md'}")
+    return table
+
+
+# =========================================================================================================
+# The table and the paper's effects
+# =========================================================================================================
+# Two-sided 95 % Student t quantiles by degrees of freedom.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean with a 95 % t-interval over the values (seeds); no interval from a single value."""
+    v = [float(x) for x in values]
+    m = statistics.fmean(v)
+    if len(v) < 2:
+        return {"mean": m, "ci": None, "n": len(v)}
+    half = _T95.get(len(v) - 1, 1.96) * statistics.stdev(v) / math.sqrt(len(v))
+    return {"mean": m, "ci": [m - half, m + half], "n": len(v)}
+
+
+METRICS = ("color_gap", "fd_domain", "kid_domain")
+# (effect, better row, worse row): the paper's claims, each as "the first row scores lower than the second".
+EFFECTS = (
+    ("HLDF beats plain LoRA", "hldf", "lora"),
+    ("T5 LoRA helps", "hldf", "hldf-no-t5"),
+    ("LoRA beats DoRA", "hldf", "hldf-dora"),
+    ("VSG-style captions beat class-only", "hldf", "hldf-class"),
+    ("class-only captions beat empty", "hldf-class", "hldf-empty"),
+)
+
+
+def effects(by_cell: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], metrics: Sequence[str]
+            ) -> list[dict[str, Any]]:
+    """Each claim of :data:`EFFECTS` per metric: the paired (same-seed) difference worse − better with a 95 %
+    t-interval; "reproduced" when the interval lies above 0, "same direction, not significant" when only
+    the mean does, "not reproduced" otherwise."""
+    out = []
+    for label, better, worse in EFFECTS:
+        for m in metrics:
+            diffs = [by_cell[(worse, s)][m] - by_cell[(better, s)][m] for s in seeds
+                     if (worse, s) in by_cell and (better, s) in by_cell and m in by_cell[(worse, s)]]
+            if not diffs:
+                continue
+            d = mean_ci(diffs)
+            if d["ci"] is not None and d["ci"][0] > 0:
+                verdict = "reproduced"
+            elif d["mean"] > 0:
+                verdict = "same direction, not significant"
+            else:
+                verdict = "not reproduced"
+            out.append({"effect": label, "metric": m, "better": better, "worse": worse, "diff": d, "verdict": verdict})
+    return out
+
+
+def make_table(preset: AblationPreset, rows: Sequence[AblationRow], results: Sequence[dict[str, Any]], *,
+               absent: dict[str, str], threads: int, wall_s: float) -> dict[str, Any]:
+    metrics = [m for m in results[0] if (m.startswith("fd_") and not m.endswith("_ci")) or
+               (m.startswith("kid_") and not m.endswith(("_std", "_subset"))) or m == "color_gap"]
+    by_cell = {(r["row"], r["seed"]): r for r in results}
+    table_rows = []
+    for row in rows:
+        cells = [by_cell[(row.name, s)] for s in preset.seeds]
+        table_rows.append({
+            "row": row.name, "label": row.label, "paper_kvasir_fid": row.paper,
+            "pixel_steps": cells[0]["pixel_steps"],
+            **{m: mean_ci([c[m] for c in cells]) for m in metrics},
+            "train_s_per_seed": round(statistics.fmean(c["train_s"] for c in cells), 1),
+            "eval_s_per_seed": round(statistics.fmean(c["eval_s"] for c in cells), 1),
+            "row_s": round(sum(c["train_s"] + c["eval_s"] for c in cells), 1),
+        })
+    return {"format": ABLATION_FORMAT, "preset": preset.to_dict(), "digest": preset.digest(),
+            "dataset": {"name": DATASET, "classes": list(COLOUR_CLASSES), "transform": SHIFT_NAME,
+                        "n_real": results[0]["n_real"], "n_generated_per_cell": results[0]["n_generated"]},
+            "metrics": metrics, "rows": table_rows, "effects": effects(by_cell, preset.seeds, metrics),
+            "extractors_absent": absent, "threads": threads, "wall_s": wall_s, "cells": list(results)}
+
+
+def _fmt(v: dict[str, Any], spec: str) -> str:
+    s = format(v["mean"], spec)
+    if v.get("ci"):
+        s += f" [{format(v['ci'][0], spec)}, {format(v['ci'][1], spec)}]"
+    return s
+
+
+def format_table(table: dict[str, Any]) -> str:
+    p = table["preset"]
+    # The colour gap in [-1, 1] units; FD and KID in the extractor's own units (the domain classifier's
+    # unnormalised features make them large numbers), to 4 significant digits.
+    spec = {"color_gap": ".4f"}
+    head = ["row", "paper FID", "pixel steps"] + [m.replace("_", " ") for m in table["metrics"]] + ["s/seed"]
+    lines = [f"Ablation `{p['name']}` ({table['digest']}): {len(p['seeds'])} seeds, {p['steps']} steps of batch "
+             f"{p['batch_size']}, lr {p['lr']}, rank {p['rank']}; HLDF every {p['pixel_every']} steps with M="
+             f"{p['sample_steps']}; {table['dataset']['n_generated_per_cell']} generated vs "
+             f"{table['dataset']['n_real']} real images per cell; mean [95 % t-interval over seeds]; "
+             f"{table['wall_s']:.0f} s on {table['threads']} threads.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        cells = [r["label"], r["paper_kvasir_fid"], str(r["pixel_steps"])]
+        cells += [_fmt(r[m], spec.get(m, ".4g")) for m in table["metrics"]]
+        cells.append(f"{r['train_s_per_seed'] + r['eval_s_per_seed']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| paper's claim | metric | worse − better (paired) | verdict |", "|---|---|---|---|"]
+    for e in table["effects"]:
+        lines.append(f"| {e['effect']} | {e['metric'].replace('_', ' ')} | {_fmt(e['diff'], spec.get(e['metric'], '.4g'))} "
+                     f"| {e['verdict']} |")
+    if table["extractors_absent"]:
+        lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in table["extractors_absent"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# =========================================================================================================
+# As a job, and from the command line
+# =========================================================================================================
+def _preset_from_config(config: dict[str, Any]) -> AblationPreset:
+    unknown = sorted(set(config) - {"preset", "overrides"})
+    if unknown:
+        raise ConfigError(f"Unknown ablation job keys {unknown}; use 'preset' and 'overrides'.")
+    try:
+        return get_preset(str(config.get("preset") or "mini"), **dict(config.get("overrides") or {}))
+    except TypeError as e:
+        raise ConfigError(f"Invalid ablation overrides: {e}") from None
+
+
+def prepare_ablation_job(ws: Workspace, config: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    """Validate an ``ablation`` job's config at submit time: {"preset": name, "overrides": {field: value}}."""
+    _preset_from_config(config)
+    return {"preset": config.get("preset") or "mini", "overrides": dict(config.get("overrides") or {})}, None
+
+
+def run_ablation_job(ctx: Any) -> dict[str, Any]:
+    """The ``ablation`` job kind; a resumed job skips the cells already done."""
+    from .captions import CaptionStore
+
+    preset = _preset_from_config(ctx.config)
+    store = CaptionStore.for_workspace(ctx.ws)
+    try:
+        table = run_ablation(ctx.ws, store, preset, log=ctx.log, should_stop=ctx.should_stop,
+                             progress=lambda d, t: ctx.progress(step=d, total=t))
+    finally:
+        store.close()
+    if table is None:
+        return {"status": "stopped"}
+    return {"status": "finished", "table": str(ablation_dir(ctx.ws, preset) / "table.md")}
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from .captions import CaptionStore
+
+    overrides: dict[str, Any] = {}
+    if args.seeds:
+        overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.steps:
+        overrides["steps"] = args.steps
+    if args.rows:
+        overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    ws = Workspace.open(args.workspace)
+    if args.job:
+        from .jobs import LocalExecutor
+
+        job = LocalExecutor(ws).submit("ablation", {"preset": args.preset, "overrides": overrides})
+        print(f"queued ablation job {job.id}; follow it with `python -m medart_core jobs logs {job.id}`")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset, **overrides)
+    store = CaptionStore.for_workspace(ws)
+    try:
+        table = run_ablation(ws, store, preset, log=lambda m: print(m, flush=True))
+    finally:
+        store.close()
+    if table is None:
+        return 1
+    print(format_table(table))
+    summary = {"preset": preset.name, "wall_s": table["wall_s"], "threads": table["threads"]}
+    for r in table["rows"]:
+        for m in table["metrics"]:
+            summary[f"{r['row']}.{m}"] = round(r[m]["mean"], 6)
+    summary["verdicts"] = {f"{e['effect']} ({e['metric']})": e["verdict"] for e in table["effects"]}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("ablation", help="the paper's ablation table in miniature on the demo backbone")
+    p.add_argument("--preset", default="mini", choices=sorted(PRESETS))
+    p.add_argument("--workspace", "-w", default=None)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per cell (default: the preset's)")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROW_NAMES)}")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in the foreground (default 2)")
+    p.add_argument("--job", action="store_true", help="queue it as an `ablation` job instead of running it here")
+    p.set_defaults(func=_cmd_ablation)
+
+
+__all__ = ["AblationPreset", "AblationRow", "PRESETS", "ROWS", "colour_shift", "measured_caption",
+           "prepare_dataset", "run_ablation", "run_cell", "make_table", "format_table", "effects", "mean_ci",
+           "ablation_dir", "run_ablation_job", "prepare_ablation_job"]
