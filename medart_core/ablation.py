@@ -29,7 +29,9 @@ image (its prompt in the row's caption style, seeds derived from the cell's seed
   ``Σ_c (μ_c(x̃) − μ_c(x))² + (σ_c(x̃) − σ_c(x))²`` in [-1, 1] units, averaged;
 * ``fd_domain`` (with a bias-corrected bootstrap interval) and ``kid_domain`` (mean ± std over subsets) in
   the 64-d feature space of the domain classifier trained on the 213 unshifted sample images
-  (``evaluate.domain_extractor``); the same with Inception / DINOv2 when their weights are present;
+  (``evaluate.domain_extractor``); the same with Inception / DINOv2 when their weights are present
+  (``$MEDART_INCEPTION_WEIGHTS`` or the torch hub cache; ``$MEDART_DINOV2``, a Hub id or folder, or the
+  Hugging Face cache of facebook/dinov2-large);
 * ``train_s`` and ``eval_s``.
 
 A row's figure is the mean over seeds with a 95 % t-interval over seeds; the effects the paper claims are
@@ -548,10 +550,14 @@ def make_table(preset: AblationPreset, rows: Sequence[AblationRow], results: Seq
             "extractors_absent": absent, "threads": threads, "wall_s": wall_s, "cells": list(results)}
 
 
+def _num(x: float, spec: str) -> str:
+    return f"{x:.0f}" if spec == ".4g" and abs(x) >= 1000 else format(x, spec)
+
+
 def _fmt(v: dict[str, Any], spec: str) -> str:
-    s = format(v["mean"], spec)
+    s = _num(v["mean"], spec)
     if v.get("ci"):
-        s += f" [{format(v['ci'][0], spec)}, {format(v['ci'][1], spec)}]"
+        s += f" [{_num(v['ci'][0], spec)}, {_num(v['ci'][1], spec)}]"
     return s
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from medart_core import ablation as A
 from medart_core.errors import ConfigError
+from test_jobs import ledger, procs  # noqa: F401  (fixtures: job supervisors killed at teardown, the ledger)
 
 
 # ---- the fine-tuning set ------------------------------------------------------------------------------------
@@ -161,26 +162,6 @@ def test_smoke_ablation_end_to_end_and_rerun_skips_done_cells(ws, store):
     assert time.perf_counter() - t < 60
     assert sorted(x.name for x in ws.runs_dir.iterdir()) == runs
     assert [r["color_gap"] for r in again["rows"]] == [r["color_gap"] for r in table["rows"]]
-
-
-@pytest.fixture
-def procs(ws, tmp_path, monkeypatch):
-    from test_jobs import Procs
-
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(k, "1")
-    pr = Procs(ws, tmp_path)
-    yield pr
-    pr.cleanup()
-
-
-@pytest.fixture
-def ledger(ws):
-    from medart_core.jobs import JobLedger
-
-    led = JobLedger(ws)
-    yield led
-    led.close()
 
 
 @pytest.mark.slow
