@@ -256,6 +256,11 @@ class Reference:
     absent: dict[str, str] = field(default_factory=dict)   # extractor name -> why it is not used
 
 
+def _short_reason(message: str) -> str:
+    """The first sentence of a missing-weights message, for the table ("… are not at PATH.")."""
+    return message.split(". ")[0].split(" (")[0].rstrip(".") + "."
+
+
 def load_reference(ws: Workspace, store: Any, dataset: str, preset: AblationPreset, *,
                    log: Callable[[str], None] = print) -> Reference:
     import torch
@@ -290,7 +295,7 @@ def load_reference(ws: Workspace, store: Any, dataset: str, preset: AblationPres
             else:
                 raise ConfigError(f"unknown extractor {name!r}")
         except MedArtError as e:
-            absent[name] = str(e).split(". ")[0].split(" (")[0].rstrip(".") + "."
+            absent[name] = _short_reason(str(e))
             log(f"{name}: not used ({absent[name]})")
     feats = {n: ex.features(u8) for n, ex in extractors.items()}
     return Reference(keys=[f"img-{r.id}" for r in recs], labels=[r.label for r in recs], prompts=prompts,
@@ -350,7 +355,7 @@ def score_images(fake: "torch.Tensor", owner: list[int], ref: Reference, preset:
 # Running the cells
 # =========================================================================================================
 def ablation_dir(ws: Workspace, preset: AblationPreset) -> Path:
-    return ws.root / "ablations" / f"{preset.name}-{preset.digest()}"
+    return ablations_root(ws) / f"{preset.name}-{preset.digest()}"
 
 
 def cell_name(row: str, seed: int) -> str:
@@ -583,8 +588,73 @@ def format_table(table: dict[str, Any]) -> str:
         lines.append(f"| {e['effect']} | {e['metric'].replace('_', ' ')} | {_fmt(e['diff'], spec.get(e['metric'], '.4g'))} "
                      f"| {e['verdict']} |")
     if table["extractors_absent"]:
-        lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in table["extractors_absent"].items())]
+        lines += ["", "Not measured: " + "; ".join(f"{k} ({_short_reason(v)})"
+                                                 for k, v in sorted(table["extractors_absent"].items()))]
     return "\n".join(lines) + "\n"
+
+
+# =========================================================================================================
+# Saved ablations, as the studio lists and shows them
+# =========================================================================================================
+def ablations_root(ws: Workspace) -> Path:
+    return ws.root / "ablations"
+
+
+def list_ablations(ws: Workspace) -> list[dict[str, Any]]:
+    """Every ablation folder of the workspace, newest first: name, preset, cells done of all, table or not."""
+    out = []
+    for f in ablations_root(ws).glob("*/preset.json"):
+        try:
+            preset = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        n_cells = len(preset.get("rows") or ()) * len(preset.get("seeds") or ())
+        out.append({"name": f.parent.name, "preset": preset, "cells_done": len(list((f.parent / "cells").glob("*.json"))),
+                    "cells": n_cells, "finished": (f.parent / "table.json").is_file(),
+                    "mtime": f.parent.stat().st_mtime})
+    return sorted(out, key=lambda d: -d["mtime"])
+
+
+def load_ablation(ws: Workspace, name: str) -> dict[str, Any]:
+    """One saved ablation: its table (JSON and markdown) when finished, and its cells' sample strips
+    (path, "row-sS") in row order. Only names :func:`list_ablations` gives are accepted."""
+    from .errors import NotFoundError
+
+    known = {d["name"]: d for d in list_ablations(ws)}
+    if name not in known:
+        raise NotFoundError(f"No ablation {name!r} in this workspace; run one with `python -m medart_core ablation`.")
+    folder = ablations_root(ws) / name
+    info = known[name]
+    order = {r: i for i, r in enumerate(ROW_NAMES)}
+    strips = sorted(folder.glob("samples/*.png"),
+                    key=lambda p: (order.get(p.stem.rsplit("-s", 1)[0], 99), p.stem))
+    table = json.loads((folder / "table.json").read_text(encoding="utf-8")) if info["finished"] else None
+    return {**info, "table": table, "table_md": format_table(table) if table else None,
+            "strips": [(str(p), p.stem) for p in strips]}
+
+
+def overview_image(strips: Sequence[tuple[str, str]], *, label_width: int = 180) -> "Image.Image | None":
+    """One picture of an ablation: the real images once on top, then the generated row of each cell's strip
+    (from :func:`load_ablation`), first seed of each row only, each labelled with its row."""
+    from PIL import Image, ImageDraw
+
+    firsts: dict[str, str] = {}
+    for path, stem in strips:
+        firsts.setdefault(stem.rsplit("-s", 1)[0], path)
+    if not firsts:
+        return None
+    ims = [Image.open(p).convert("RGB") for p in firsts.values()]
+    w, h = ims[0].size
+    half = h // 2
+    canvas = Image.new("RGB", (label_width + w, half * (len(ims) + 1)), "white")
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(ims[0].crop((0, 0, w, half)), (label_width, 0))
+    draw.text((6, half // 2 - 6), "real (shifted)", fill="black")
+    labels = {r.name: r.label for r in ROWS}
+    for k, (row, im) in enumerate(zip(firsts, ims), start=1):
+        canvas.paste(im.crop((0, half, w, 2 * half)), (label_width, k * half))
+        draw.text((6, k * half + half // 2 - 6), labels.get(row, row)[:29], fill="black")
+    return canvas
 
 
 # =========================================================================================================
@@ -674,4 +744,4 @@ def register_cli(subparsers: Any) -> None:
 
 __all__ = ["AblationPreset", "AblationRow", "PRESETS", "ROWS", "colour_shift", "measured_caption",
            "prepare_dataset", "run_ablation", "run_cell", "make_table", "format_table", "effects", "mean_ci",
-           "ablation_dir", "run_ablation_job", "prepare_ablation_job"]
+           "ablation_dir", "run_ablation_job", "prepare_ablation_job", "list_ablations", "load_ablation", "overview_image"]

@@ -41,6 +41,7 @@ from medart_core.generate import list_checkpoint_refs
 from medart_core.jobs import ACTIVE, DONE, QUEUED, Job, JobLedger, LocalExecutor
 from medart_core.seeds import derive_seed
 
+from .ablation_panel import build_ablation_panel
 from .auth import requires
 from .context import StudioContext
 from .errors import user_errors
@@ -695,6 +696,8 @@ def build_compare_tab(ctx: StudioContext) -> dict[str, Any]:
                                         elem_id="blind-flag")
             c["b_notice"] = gr.HTML(padding=False, elem_id="blind-notice")
             c["b_results"] = gr.HTML(padding=False, elem_id="blind-results")
+        with gr.Tab("Ablation", id="cmp-ablation"):
+            c["ablation"] = build_ablation_panel(ctx)
     timer = gr.Timer(POLL_S, active=False)
 
     form = [c[f] for f in FORM_FIELDS]

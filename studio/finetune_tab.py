@@ -106,8 +106,11 @@ class MetricsFollower:
                     continue
                 step = int(r.get("step", 0))
                 if "val_loss" in r:
-                    s.val.append((step, float(r["val_loss"])))
-                    s.last["val_loss"], s.last["validation_grid"] = r["val_loss"], r.get("validation_grid")
+                    # A run with no held-out images (val_images=0) logs its grids with val_loss null.
+                    v = r["val_loss"]
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        s.val.append((step, float(v)))
+                    s.last["val_loss"], s.last["validation_grid"] = v, r.get("validation_grid")
                     continue
                 if "loss_latent" in r:
                     s.step.append(step)

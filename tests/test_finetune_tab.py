@@ -107,6 +107,20 @@ def test_estimate_names_memory_time_and_warns_when_it_will_not_fit(ws, store):
     assert any("No GPU detected" in w for w in cpu.warnings)
 
 
+def test_runs_without_a_validation_loss_are_listed(tmp_path):
+    """A run with val_images=0 (e.g. the ablation's cells) logs its validation grids with val_loss null: the
+    follower keeps the grid and plots no validation point (it once stopped the studio from starting)."""
+    from studio.finetune_tab import METRICS, loss_frames
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(json.dumps({"step": 1, "loss": 0.5, "loss_latent": 0.5}) + "\n" +
+                 json.dumps({"step": 1, "val_loss": None, "validation_grid": "validation/step_000001.png"}) + "\n")
+    s = METRICS.get(p)
+    assert s.val == [] and s.last["val_loss"] is None and s.last["validation_grid"].endswith("000001.png")
+    lat, _ = loss_frames(s)
+    assert lat[lat.series == "validation"].loss.isna().all()           # only the undrawn placeholder point
+
+
 def test_metrics_follower_reads_only_new_lines_and_restarts_on_rewrite(tmp_path):
     from medart_core.fileio import atomic_write_text
     from studio.finetune_tab import MAX_POINTS, METRICS, loss_frames

@@ -1,0 +1,127 @@
+"""The Compare tab's "Ablation" panel: the paper's ablation in miniature (``medart_core.ablation``), run as an
+``ablation`` job and read back from the workspace — the table with its verdicts and each cell's sample strip
+(real images above generated ones). The library does the work; this module only lays it out.
+"""
+# No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation.
+from typing import Any
+
+import gradio as gr
+
+from medart_core import ablation as A
+from medart_core.constants import DEMO_LABEL
+from medart_core.errors import ConfigError
+from medart_core.jobs import ACTIVE, QUEUED, Job, JobLedger, LocalExecutor
+
+from .context import StudioContext
+from .errors import user_errors
+from .render import esc
+
+PRESET_CHOICES = [("mini — 6 rows + reference x 4 seeds, ~23 min on 2 CPU cores", "mini"),
+                  ("smoke — the same code for a few steps, ~2 min (checks the pipeline, not the method)", "smoke")]
+INTRO = (f"Table 3 of the paper in miniature: the **{DEMO_LABEL}** fine-tuned on a colour-shifted set of its own "
+         "fundus and histology images, once per row and seed; colour-moment gap, domain FD and KID per row with "
+         "95 % intervals over seeds, and which of the paper's claims hold. Also from the command line: "
+         "`python -m medart_core ablation --preset mini`. Method and caveats: `bench/RESULTS.md`.")
+
+
+def ablation_choices(ctx: StudioContext) -> list[tuple[str, str]]:
+    out = []
+    for d in A.list_ablations(ctx.ws):
+        state = "finished" if d["finished"] else f"{d['cells_done']}/{d['cells']} cells"
+        out.append((f"{d['name']} ({state})", d["name"]))
+    return out
+
+
+def show_ablation(ctx: StudioContext, name: str | None) -> tuple[str, Any, list[tuple[Any, str]]]:
+    """(markdown, overview image, gallery items) of one saved ablation; images are loaded here (served from
+    Gradio's cache), so no workspace folder needs to be a static path."""
+    from PIL import Image
+
+    if not name:
+        return "No ablation yet: run one below (or with the command line).", None, []
+    info = A.load_ablation(ctx.ws, name)
+    if info["table_md"] is None:
+        md = (f"**{esc(name)}** is not finished: {info['cells_done']} of {info['cells']} cells done. Run it again "
+              "(or resume its job) to finish; finished cells are kept.")
+    else:
+        md = info["table_md"]
+    items = []
+    for path, label in info["strips"]:
+        with Image.open(path) as im:
+            items.append((im.convert("RGB"), f"{label}: real (top), generated (bottom)"))
+    return md, A.overview_image(info["strips"]), items
+
+
+def submit_ablation(ctx: StudioContext, owner: str | None, preset: str | None) -> Job:
+    if preset not in A.PRESETS:
+        raise ConfigError(f"Choose a preset: {', '.join(sorted(A.PRESETS))}.")
+    return LocalExecutor(ctx.ws).submit("ablation", {"preset": preset}, owner=owner)
+
+
+def job_text(ctx: StudioContext, job_id: str | None) -> tuple[str, bool]:
+    """The job's status line and whether it is still queued or running."""
+    if not job_id:
+        return "", False
+    led = JobLedger(ctx.ws)
+    try:
+        job = led.get(job_id)
+    finally:
+        led.close()
+    text = f"<b>{esc(job.id)}</b> — {esc(job.progress_text())}"
+    if job.is_final and job.state != "done":
+        text += f" — {esc(job.error or job.state)}"
+    return text, job.state in (QUEUED,) + ACTIVE
+
+
+def build_ablation_panel(ctx: StudioContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    gr.Markdown(INTRO)
+    with gr.Row():
+        c["which"] = gr.Dropdown(ablation_choices(ctx), label="Saved ablation", scale=4)
+        c["refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40)
+    c["table"] = gr.Markdown()
+    c["overview"] = gr.Image(label="At a glance: real images, then each row's generated images (first seed)",
+                             type="pil", interactive=False)
+    with gr.Accordion("Every cell (row and seed)", open=False):
+        c["strips"] = gr.Gallery(label="Cells: real images (top) and the first generated image of each (bottom)",
+                                 columns=4, object_fit="contain")
+    with gr.Row():
+        c["preset"] = gr.Dropdown(PRESET_CHOICES, value="mini", label="Preset", scale=3)
+        c["run"] = gr.Button("Run as a job", variant="primary", scale=1)
+    c["job"] = gr.Textbox(visible=False)
+    c["status"] = gr.HTML()
+    timer = gr.Timer(2.0, active=False)
+
+    @user_errors
+    def on_refresh(cur):
+        choices = ablation_choices(ctx)
+        names = [v for _, v in choices]
+        pick = cur if cur in names else (names[0] if names else None)
+        return (gr.Dropdown(choices=choices, value=pick), *show_ablation(ctx, pick))
+
+    out = [c["which"], c["table"], c["overview"], c["strips"]]
+    c["refresh"].click(on_refresh, c["which"], out, api_name="ablation_list")
+    root = gr.context.Context.root_block
+    if root is not None:   # each page load shows the newest ablation
+        root.load(on_refresh, c["which"], out, api_name="ablation_page_load", show_progress="hidden")
+    c["which"].input(user_errors(lambda name: show_ablation(ctx, name)), c["which"], out[1:],
+                     api_name="ablation_show")
+
+    @user_errors
+    def on_run(request: gr.Request, preset):
+        job = submit_ablation(ctx, ctx.reviewer_for(request, None), preset)
+        text, _ = job_text(ctx, job.id)
+        return job.id, text, gr.Timer(active=True)
+
+    c["run"].click(on_run, c["preset"], [c["job"], c["status"], timer], api_name="ablation_run", concurrency_limit=2)
+
+    @user_errors
+    def on_tick(job_id, cur):
+        text, active = job_text(ctx, job_id)
+        if active:
+            return text, gr.Timer(active=True), gr.Dropdown(), gr.Markdown(), gr.Image(), gr.Gallery()
+        return (text, gr.Timer(active=False), *on_refresh(cur))
+
+    timer.tick(on_tick, [c["job"], c["which"]], [c["status"], timer, *out], api_name="ablation_status",
+               show_progress="hidden")
+    return c
