@@ -73,7 +73,8 @@ def job_text(ctx: StudioContext, job_id: str | None) -> tuple[str, bool]:
     return text, job.state in (QUEUED,) + ACTIVE
 
 
-def build_ablation_panel(ctx: StudioContext) -> dict[str, Any]:
+def build_ablation_panel(ctx: StudioContext, tab: Any = None) -> dict[str, Any]:
+    """Lay the panel out in the current Blocks context; ``tab`` (its ``gr.Tab``) refreshes it when selected."""
     c: dict[str, Any] = {}
     gr.Markdown(INTRO)
     with gr.Row():
@@ -101,9 +102,8 @@ def build_ablation_panel(ctx: StudioContext) -> dict[str, Any]:
 
     out = [c["which"], c["table"], c["overview"], c["strips"]]
     c["refresh"].click(on_refresh, c["which"], out, api_name="ablation_list")
-    root = gr.context.Context.root_block
-    if root is not None:   # each page load shows the newest ablation
-        root.load(on_refresh, c["which"], out, api_name="ablation_page_load", show_progress="hidden")
+    if tab is not None:   # filled when the panel is opened, not on every page load (nothing races the form)
+        tab.select(on_refresh, c["which"], out, api_name="ablation_open", show_progress="hidden")
     c["which"].input(user_errors(lambda name: show_ablation(ctx, name)), c["which"], out[1:],
                      api_name="ablation_show")
 

@@ -696,8 +696,8 @@ def build_compare_tab(ctx: StudioContext) -> dict[str, Any]:
                                         elem_id="blind-flag")
             c["b_notice"] = gr.HTML(padding=False, elem_id="blind-notice")
             c["b_results"] = gr.HTML(padding=False, elem_id="blind-results")
-        with gr.Tab("Ablation", id="cmp-ablation"):
-            c["ablation"] = build_ablation_panel(ctx)
+        with gr.Tab("Ablation", id="cmp-ablation") as ablation_tab:
+            c["ablation"] = build_ablation_panel(ctx, ablation_tab)
     timer = gr.Timer(POLL_S, active=False)
 
     form = [c[f] for f in FORM_FIELDS]
