@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from .config import JsonConfig
 from .errors import ConfigError, MedArtError, MissingWeightsError
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text
 from .seeds import derive_seed
 from .workspace import Workspace
 
@@ -379,8 +379,6 @@ def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow
              should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
     """Train (unless the reference row) and score one cell; None when stopped midway. A run of this cell
     left by an earlier attempt is resumed from its checkpoint, not retrained."""
-    import torch
-
     from .backbone import load_backbone
     from .train import train
 
@@ -396,10 +394,9 @@ def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow
             return None
         backbone = res.backbone
         pixel_steps = sum(1 for line in Path(res.metrics_path).read_text(encoding="utf-8").splitlines()
-                          if '"pixel_step": true' in line)
+                          if line.strip() and json.loads(line).get("pixel_step"))
         info.update(run=name, pixel_steps=pixel_steps, train_s=round(time.perf_counter() - t0, 2))
     else:
-        torch.manual_seed(seed)
         backbone = load_backbone("demo")
         info.update(run=None, pixel_steps=0, train_s=0.0)
     if should_stop():
@@ -432,10 +429,7 @@ def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], ref: Referen
     for k, (a, b) in enumerate(zip(real, gen)):
         canvas.paste(a, (k * s, 0))
         canvas.paste(b, (k * s, s))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"), binary=True)
     return str(path)
 
 
@@ -456,7 +450,7 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
     cells = [(r, s) for r in rows for s in preset.seeds]
     threads = torch.get_num_threads()
     log(f"ablation {out.name}: {len(rows)} rows x {len(preset.seeds)} seeds, {preset.steps} steps each, "
-        f"{len(ref.keys)} real images, {torch.get_num_threads()} threads")
+        f"{len(ref.keys)} real images, {threads} threads")
     for k, (row, seed) in enumerate(cells):
         path = out / "cells" / f"{cell_name(row.name, seed)}.json"
         if progress is not None:

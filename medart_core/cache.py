@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .constants import MAX_TOKENS
 from .errors import StaleCacheError
-from .fileio import fsync_file
+from .fileio import fsync_file, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -74,14 +74,6 @@ class CacheReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_fingerprint(spec: str) -> str:
@@ -148,7 +140,7 @@ class FeatureCache:
         bad = []
         for name, meta in list(idx["shards"].items()):
             p = self.dir / name
-            ok = p.is_file() and p.stat().st_size == meta.get("size") and _sha256_file(p) == meta.get("sha256")
+            ok = p.is_file() and p.stat().st_size == meta.get("size") and sha256_file(p) == meta.get("sha256")
             if not ok:
                 bad.append(name)
                 del idx["shards"][name]
@@ -199,7 +191,7 @@ class FeatureCache:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             fsync_file(tmp)
             os.replace(tmp, self.dir / name)
-            idx["shards"][name] = {"size": (self.dir / name).stat().st_size, "sha256": _sha256_file(self.dir / name)}
+            idx["shards"][name] = {"size": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name)}
             for it in chunk:
                 idx["entries"][it.entry] = {"shard": name, "pixel_hash": it.pixel_hash,
                                             "caption_version": it.caption_version}

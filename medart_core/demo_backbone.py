@@ -32,21 +32,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from . import provenance
 from .config import JsonConfig
 from .constants import DEMO_LABEL
 from .errors import ConfigError
+from .fileio import sha256_file
 from .seeds import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -377,14 +377,6 @@ def train_dit(backbone: "Backbone", mu: "torch.Tensor", sd: "torch.Tensor", capt
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under ``folder`` except the manifest, by POSIX relative path."""
     out = {}
@@ -424,15 +416,7 @@ def _save(backbone: "Backbone", folder: Path) -> dict[str, str]:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in VERSIONED:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return provenance.package_versions(VERSIONED)
 
 
 def _check_out_dir(out: Path) -> None:

@@ -70,7 +70,6 @@ import os
 import secrets
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 from .errors import ConfigError, MedArtError
-from .fileio import fsync_dir
+from .fileio import atomic_write, fsync_dir
 
 ENV_VAR = "MEDART_DURABLE_DIR"
 FORMAT_VERSION = 1
@@ -358,18 +357,11 @@ def record(entry: _Entry | None) -> None:
 # Files
 # ------------------------------------------------------------------------------------------------
 def _copy_durably(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    def copy(out: Any) -> None:
+        with open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
+
+    atomic_write(dst, copy, binary=True)
 
 
 def save_files(pairs: Iterable[tuple[str | os.PathLike, str]], *, overwrite: bool = False) -> int:
@@ -664,13 +656,7 @@ def sync_caption_files(ws, root: Path | None = None) -> tuple[int, int]:
         rel = workspace_rel(ws.root, local)
         if rel is None:
             continue
-        remote = base / rel
-        if not local.is_file() and remote.is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(remote, local)
-            restored += 1
-        elif local.is_file():
-            to_save.append((local, rel))
+        restored += _restore_or_queue(local, base / rel, rel, to_save)
     for dataset, keep in hashes.items():
         local = ws.manifest_path(dataset)
         rel = workspace_rel(ws.root, local)
@@ -702,14 +688,20 @@ def sync_review_files(ws, root: Path | None = None) -> tuple[int, int]:
         rel = workspace_rel(ws.root, p)
         if rel is None:
             continue
-        local, remote = Path(p), root / FILES_DIR / rel
-        if not local.is_file() and remote.is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(remote, local)
-            restored += 1
-        elif local.is_file():
-            to_save.append((local, rel))
+        restored += _restore_or_queue(Path(p), root / FILES_DIR / rel, rel, to_save)
     return restored, save_files(to_save)
+
+
+def _restore_or_queue(local: Path, remote: Path, rel: str, to_save: list[tuple[Path, str]]) -> int:
+    """A file lost locally comes back from the durable copy (returns 1); one present locally is queued in
+    ``to_save`` to be saved (``save_files`` skips those already saved)."""
+    if not local.is_file() and remote.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(remote, local)
+        return 1
+    if local.is_file():
+        to_save.append((local, rel))
+    return 0
 
 
 def iter_log(kind: str) -> Iterator[dict[str, Any]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import metrics as M
+from . import provenance
 from .errors import ConfigError, NotFoundError, ProfileMismatchError
 from .extractors import PREPARATION, Extractor, images_to_uint8
 from .fileio import atomic_write_text
@@ -117,16 +118,11 @@ def build_eval_set(ws: Workspace, store: Any, spec: EvalSpec) -> EvalSet:
     return EvalSet(dataset=spec.dataset, items=items)
 
 
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
+EVAL_PACKAGES = ("torch", "torchmetrics", "torch-fidelity", "transformers", "diffusers", "pillow")
 
-    out = {}
-    for pkg in ("torch", "torchmetrics", "torch-fidelity", "transformers", "diffusers", "pillow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+
+def package_versions() -> dict[str, str]:
+    return provenance.package_versions(EVAL_PACKAGES, python=False)
 
 
 def make_profile(spec: EvalSpec, eval_set: EvalSet, extractor: Extractor, *, checkpoint: str,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ConfigError, MissingWeightsError, UnsafeFileError
+from .fileio import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,14 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "MEDART_INCEPTION_WEIGHTS"
 PREPARATION = "RGB (grayscale replicated to 3 channels), shorter side to S with PIL bicubic, centre S×S crop, uint8"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare_image(img: Any, size: int) -> Any:

@@ -1,9 +1,12 @@
-"""Durable file writes shared by the library: readers see the old file or the new one, never half of one."""
+"""Durable file writes shared by the library: readers see the old file or the new one, never half of one;
+and the one way files are hashed."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import IO, Any, Callable
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -22,14 +25,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temporary file in the same folder and one rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, fsync it and rename it over ``path``
+    (then fsync the folder). On any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,3 +41,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temporary file in the same folder and one rename."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

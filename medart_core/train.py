@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import hldf
+from . import hldf, provenance
 from .checkpoint import (
     MetricsLog,
     clean_tmp_dirs,
@@ -357,16 +357,11 @@ def git_commit() -> str | None:
         return None
 
 
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
+TRAIN_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow")
 
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+
+def package_versions() -> dict[str, str]:
+    return provenance.package_versions(TRAIN_PACKAGES)
 
 
 def _peak_mem_mb(on_cuda: bool) -> float:
