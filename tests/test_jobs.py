@@ -375,7 +375,8 @@ def test_stop_checkpoints_then_sigterm_then_resume_to_done(ws, ledger, procs, mi
 def test_sigkill_reconciles_to_interrupted_and_resume_is_bitwise_identical(ws, ledger, procs, mini):
     import torch
 
-    total = 10
+    # Enough steps to span several progress writes: on an idle machine 10 tiny steps could finish between two.
+    total = 40
     full = _train_job(ledger, "full", max_steps=total)
     cut = _train_job(ledger, "cut", max_steps=total)
     procs.supervisor()
