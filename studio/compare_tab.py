@@ -734,7 +734,9 @@ def build_compare_tab(ctx: StudioContext) -> dict[str, Any]:
         ds = dataset_names(ctx)
         job = active_job(ctx, owner)
         jv = job_view(ctx, job.id if job else None)
-        rev = gr.Textbox(value=owner, interactive=False) if owner else gr.Textbox(value=remembered or "")
+        # No remembered name: leave the field alone, or a name typed while the page loads would be wiped.
+        rev = (gr.Textbox(value=owner, interactive=False) if owner else
+               gr.Textbox(value=remembered) if remembered else gr.Textbox())
         return (gr.Dropdown(choices=checkpoint_choices(ctx)), gr.Dropdown(choices=ds, value=ds[0] if ds else None),
                 gr.Dropdown(choices=study_names(ctx)), rev, job.id if job else "", jv["text"],
                 gr.Timer(active=jv["active"]), gr.Button(interactive=jv["can_stop"]))
