@@ -4,8 +4,14 @@ short tag. Votes are appended (never updated or deleted) with the reviewer's ide
 are win rates with 95 % Wilson intervals; for real-vs-synthetic also how often the synthetic image was
 taken for the real one.
 
-Storage: ``W/reviews.sqlite`` (WAL): ``studies``, ``pairs`` (the hidden order is fixed when the study is
-created, from its seed) and an append-only ``votes`` table guarded by triggers.
+The left/right order is drawn per (study seed, pair, reviewer): the same every time one reviewer sees a
+pair, and independent between reviewers, so a reviewer who has finished (and seen the results, which name
+the sources) cannot tell the others which side is which. A vote is resolved to its source when it is
+stored (``picked_source``, next to the ``shown_choice``), so results never depend on the order rule.
+
+Storage: ``W/reviews.sqlite`` (WAL): ``studies``, ``pairs`` and an append-only ``votes`` table guarded by
+triggers. ``pairs.swapped`` is the one study-wide order of databases made before the per-reviewer order; it
+is still written (the column is NOT NULL) and no longer read; their votes kept their resolved sources.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, NotFoundError
 from .metrics import proportion_ci
 from .seeds import derive_seed
-from .workspace import Workspace
+from .workspace import Workspace, private_file
 
 MAX_TAG_CHARS = 40
 KINDS = ("checkpoints", "real-vs-synthetic")
@@ -58,6 +64,12 @@ class ShownPair:
     left: str
     right: str
     prompt: str | None
+    reviewer: str = ""     # the name the order was drawn for: pass it back as ``vote(..., shown_to=)``
+
+
+def _shown_swapped(seed: int, position: int, reviewer: str) -> bool:
+    """Whether ``reviewer`` sees B on the left of the pair at ``position``: one draw per reviewer and pair."""
+    return bool(derive_seed(seed, "blind-order", position, reviewer) % 2)
 
 
 def _now() -> str:
@@ -77,7 +89,7 @@ class ReviewStore:
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con = sqlite3.connect(private_file(self.path), timeout=30, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
@@ -91,7 +103,7 @@ class ReviewStore:
                      images_b: Sequence[str], *, prompts: Sequence[str] | None = None, seed: int = 0,
                      created_by: str | None = None, meta: dict[str, Any] | None = None) -> int:
         """A study of ``len(images_a)`` pairs (image i of A against image i of B, e.g. the same prompt and
-        seed from two checkpoints). Left/right order is drawn per pair from ``seed``."""
+        seed from two checkpoints). Left/right order is drawn per pair and reviewer from ``seed``."""
         if kind not in KINDS:
             raise ConfigError(f"study kind must be one of {KINDS}, got {kind!r}.")
         name = (name or "").strip()
@@ -136,8 +148,10 @@ class ReviewStore:
                                ).fetchall()
         return [dict(zip(("id", "name", "kind", "source_a", "source_b", "created_at", "pairs"), r)) for r in rows]
 
-    def _study(self, con: sqlite3.Connection, name: str) -> tuple[int, str, str, str]:
-        row = con.execute("SELECT id, kind, source_a, source_b FROM studies WHERE name = ?", (name,)).fetchone()
+    def _study(self, con: sqlite3.Connection, name: str) -> tuple[int, str, str, str, int]:
+        """``(id, kind, source_a, source_b, seed)`` of the study named ``name``."""
+        row = con.execute("SELECT id, kind, source_a, source_b, seed FROM studies WHERE name = ?",
+                          (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"No blind-review study named {name!r}.")
         return row
@@ -147,21 +161,29 @@ class ReviewStore:
         """The first pair this reviewer has not voted on (None when done)."""
         reviewer = _check_reviewer(reviewer)
         with self._conn() as con:
-            sid = self._study(con, study)[0]
+            sid, _, _, _, seed = self._study(con, study)
             total = con.execute("SELECT COUNT(*) FROM pairs WHERE study_id = ?", (sid,)).fetchone()[0]
-            row = con.execute("SELECT id, position, path_a, path_b, swapped, prompt FROM pairs WHERE study_id = ? "
+            row = con.execute("SELECT id, position, path_a, path_b, prompt FROM pairs WHERE study_id = ? "
                               "AND id NOT IN (SELECT pair_id FROM votes WHERE reviewer = ?) ORDER BY position LIMIT 1",
                               (sid, reviewer)).fetchone()
         if row is None:
             return None
-        pid, pos, a, b, swapped, prompt = row
-        left, right = (b, a) if swapped else (a, b)
-        return ShownPair(study=study, pair_id=pid, position=pos, total=total, left=left, right=right, prompt=prompt)
+        pid, pos, a, b, prompt = row
+        left, right = (b, a) if _shown_swapped(seed, pos, reviewer) else (a, b)
+        return ShownPair(study=study, pair_id=pid, position=pos, total=total, left=left, right=right, prompt=prompt,
+                         reviewer=reviewer)
 
-    def vote(self, study: str, pair_id: int, reviewer: str, choice: str | None, tag: str | None = None) -> None:
+    def vote(self, study: str, pair_id: int, reviewer: str, choice: str | None, tag: str | None = None, *,
+             shown_to: str | None = None) -> None:
         """``choice``: "left" | "right" (the more realistic) or None (only an artefact tag). One vote per
-        reviewer and pair; the hidden order is resolved to the source here, never shown."""
+        reviewer and pair; the reviewer's hidden order is resolved to the source here, never shown.
+
+        ``shown_to`` (``ShownPair.reviewer``) is the name the pair was drawn for: "left" means left of *that*
+        order, so a vote under another name (the name field edited since the pair was shown) is refused."""
         reviewer = _check_reviewer(reviewer)
+        if shown_to is not None and _check_reviewer(shown_to) != reviewer:
+            raise ConfigError("The reviewer name changed since this pair was shown; nothing was saved. Press "
+                              "Start to see the pairs of the name you entered.")
         tag = (tag or "").strip() or None
         if tag is not None and len(tag) > MAX_TAG_CHARS:
             raise ConfigError(f"An artefact tag is at most {MAX_TAG_CHARS} characters.")
@@ -172,8 +194,9 @@ class ReviewStore:
         with self._conn() as con:
             con.execute("BEGIN IMMEDIATE")
             tx = durable.begin(durable.REVIEWS, con, self.path)     # None unless MEDART_DURABLE_DIR is set
-            sid = self._study(con, study)[0]
-            row = con.execute("SELECT swapped FROM pairs WHERE id = ? AND study_id = ?", (int(pair_id), sid)).fetchone()
+            sid, _, _, _, seed = self._study(con, study)
+            row = con.execute("SELECT position FROM pairs WHERE id = ? AND study_id = ?", (int(pair_id), sid)
+                              ).fetchone()
             if row is None:
                 con.execute("ROLLBACK")
                 raise NotFoundError(f"Pair {pair_id} is not part of study {study!r}.")
@@ -183,7 +206,7 @@ class ReviewStore:
                 raise ConfigError(f"{reviewer} has already voted on this pair; votes are final.")
             picked = None
             if choice is not None:
-                left_is_a = not bool(row[0])
+                left_is_a = not _shown_swapped(seed, int(row[0]), reviewer)
                 picked = "a" if (choice == "left") == left_is_a else "b"
             con.execute("INSERT INTO votes(pair_id, reviewer, shown_choice, picked_source, tag, created_at) "
                         "VALUES (?,?,?,?,?,?)", (int(pair_id), reviewer, choice, picked, tag, _now()))
@@ -195,15 +218,15 @@ class ReviewStore:
     def results(self, study: str) -> dict[str, Any]:
         """Win rates of A and B with Wilson intervals, artefact tags per source, per-reviewer counts."""
         with self._conn() as con:
-            sid, kind, src_a, src_b = self._study(con, study)
-            votes = con.execute("SELECT v.reviewer, v.picked_source, v.tag, p.swapped, v.shown_choice FROM votes v "
+            sid, kind, src_a, src_b, _ = self._study(con, study)
+            votes = con.execute("SELECT v.reviewer, v.picked_source, v.tag FROM votes v "
                                 "JOIN pairs p ON p.id = v.pair_id WHERE p.study_id = ?", (sid,)).fetchall()
             total = con.execute("SELECT COUNT(*) FROM pairs WHERE study_id = ?", (sid,)).fetchone()[0]
         picks = [v[1] for v in votes if v[1] is not None]
         n = len(picks)
         wins_a = sum(1 for p in picks if p == "a")
         tags: dict[str, dict[str, int]] = {src_a: {}, src_b: {}}
-        for reviewer, picked, tag, swapped, shown in votes:
+        for reviewer, picked, tag in votes:
             if tag:
                 # A tag flags the image the reviewer did not prefer, or both when no preference was given.
                 target = {"a": src_b, "b": src_a}.get(picked or "", "both")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .captions import BatchConflict, BatchResult
 from .constants import MAX_TOKENS   # PixArt-alpha reads 120 T5 tokens, the closing </s> included
 from .errors import ConfigError, ConflictError
+from .userregex import compile_user_regex
 
 if TYPE_CHECKING:
     from .captions import CaptionState, CaptionStore
@@ -47,17 +48,15 @@ class CaptionFilter:
 def compile_search(pattern: str, *, regex: bool = False, case_sensitive: bool = False) -> Callable[[str], bool] | None:
     """A predicate for caption text, or ``None`` when there is nothing to search for.
 
-    Raises ConfigError (not ``re.error``) for an invalid regex, so the UI can show a warning.
+    Raises ConfigError (not ``regex.error``) for an invalid regex, so the UI can show a warning. A regex runs
+    under :mod:`medart_core.userregex`'s budget: one predicate is one request, and a pattern that backtracks
+    past the budget raises ConfigError instead of freezing the server.
     """
     if not pattern:
         return None
-    flags = 0 if case_sensitive else re.IGNORECASE
     if regex:
-        try:
-            rx = re.compile(pattern, flags)
-        except re.error as e:
-            raise ConfigError(f"Invalid regular expression {pattern!r}: {e}. Fix it or untick 'regex'.") from e
-        return lambda text: rx.search(text or "") is not None
+        return compile_user_regex(pattern, case_sensitive=case_sensitive,
+                                  hint="Fix it or untick 'regex'.").search
     if case_sensitive:
         return lambda text: pattern in (text or "")
     needle = pattern.casefold()
@@ -290,20 +289,16 @@ def _changes(states: Sequence["CaptionState"], fn: Callable[[str], str]) -> list
 
 def preview_find_replace(states: Sequence["CaptionState"], find: str, replace: str, *, regex: bool = True,
                          case_sensitive: bool = True) -> list[BatchChange]:
-    """Every caption that ``find -> replace`` would change (``replace`` may use ``\\1`` groups in regex mode)."""
+    """Every caption that ``find -> replace`` would change (``replace`` may use ``\\1`` groups in regex mode).
+
+    All captions share one :mod:`~medart_core.userregex` budget; a pattern that runs past it raises
+    ConfigError before any change is returned, so nothing can be applied from a cut-off preview."""
     if not find:
         raise ConfigError("Type what to find before previewing a find/replace.")
-    flags = 0 if case_sensitive else re.IGNORECASE
-    try:
-        rx = re.compile(find if regex else re.escape(find), flags)
-    except re.error as e:
-        raise ConfigError(f"Invalid regular expression {find!r}: {e}.") from e
+    rx = compile_user_regex(find, case_sensitive=case_sensitive, literal=not regex)
     if not regex:
         replace = replace.replace("\\", "\\\\")   # literal mode: backslashes in the replacement are text
-    try:
-        rx.sub(replace, "")                        # surface bad group references before touching data
-    except (re.error, IndexError) as e:
-        raise ConfigError(f"Invalid replacement {replace!r}: {e}.") from e
+    rx.check_replacement(replace)              # surface bad group references before touching data
     return _changes(states, lambda t: rx.sub(replace, t))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 import uuid
@@ -35,7 +34,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 from . import durable
 from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, ConflictError, MedArtError, NotFoundError
-from .workspace import validate_name
+from .userregex import compile_user_regex
+from .workspace import private_file, validate_name
 
 STATUSES = ("pending", "approved", "rejected", "needs-second-read")
 EVENT_KINDS = ("draft", "edit", "status", "comment", "restore")
@@ -382,8 +382,8 @@ class CaptionStore:
         con = getattr(self._local, "con", None)
         if con is None:
             # One connection per thread; check_same_thread=False only so close() may close them all.
-            con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                  check_same_thread=False)
+            con = sqlite3.connect(private_file(self.db_path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                  isolation_level=None, check_same_thread=False)
             con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             con.execute("PRAGMA foreign_keys = ON")
             con.execute("PRAGMA synchronous = FULL")   # reviewers' edits must survive a power cut
@@ -811,12 +811,8 @@ class CaptionStore:
         if edited is not None:
             where += " AND s.edited = ?"
             args.append(int(bool(edited)))
-        pattern = None
-        if text_regex:
-            try:
-                pattern = re.compile(text_regex)
-            except re.error as e:
-                raise ConfigError(f"Invalid regular expression {text_regex!r}: {e}.") from None
+        # A user's pattern: time-limited (medart_core.userregex), so it cannot hold a request or the GIL.
+        pattern = compile_user_regex(text_regex) if text_regex else None
         needle = text_contains.casefold() if text_contains else None
         with self._read() as con:
             self._require_dataset(con, dataset)

@@ -38,9 +38,11 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -50,6 +52,7 @@ from PIL import Image, ImageOps
 
 from . import durable
 from .errors import ConfigError, InvalidImageError, MedArtError, NotFoundError
+from .interchange import csv_cell_text
 from .workspace import Workspace, validate_name
 
 if TYPE_CHECKING:
@@ -61,7 +64,8 @@ __all__ = [
     "pixel_hash", "load_image_file", "load_dicom", "dicom_label", "normalize_label",
     "import_images", "build_sample_dataset", "import_cli", "sample_data_cli",
     "DICOM_STORED_TAGS", "DICOM_IDENTIFYING_KEYWORDS", "dicom_identifiers", "keeps_identifiers",
-    "needs_phi_review", "derive_dataset",
+    "needs_phi_review", "derive_dataset", "import_files", "MAX_ZIP_BYTES", "MAX_ZIP_MEMBERS",
+    "MAX_ZIP_MEMBER_BYTES", "MAX_ZIP_RATIO",
 ]
 
 # Decompression-bomb cap, checked on the header *before* any pixel is decoded. It is below Pillow's own
@@ -71,6 +75,13 @@ __all__ = [
 MAX_PIXELS = 50_000_000
 MAX_FRAMES = 1000                 # frames per DICOM file (a cine loop or a volume); more is refused
 MAX_FILE_BYTES = 2 * 1024 ** 3    # larger files are refused before being read
+# A .zip is expanded (into ws.tmp_dir, then deleted) only within these limits, all checked on the central
+# directory before anything is written and the byte counts again while writing (headers can lie).
+MAX_ZIP_BYTES = 2 * 1024 ** 3           # uncompressed, every archive of one import together
+MAX_ZIP_MEMBERS = 20_000                # entries, folders included
+MAX_ZIP_MEMBER_BYTES = 512 * 1024 ** 2  # one uncompressed member
+MAX_ZIP_RATIO = 200                     # uncompressed / compressed: PNG/JPEG ~1, DICOM and BMP tens, bombs 1000s
+_ZIP_RATIO_FROM = 1024 ** 2             # smaller members are not ratio-checked: 1 MB of anything is no bomb
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")   # nothing else is decoded, whatever the file claims (MPO comes via JPEG)
@@ -835,7 +846,7 @@ def _csv_items(csv_path: Path, report: ImportReport) -> Iterator[_Item]:
         row = row + [""] * (len(cols) - len(row))
         name = row[i_file].strip()
         label = row[i_label].strip() if i_label is not None else ""
-        text = row[i_text] if i_text is not None else ""
+        text = csv_cell_text(row[i_text]) if i_text is not None else ""    # a Med-Art CSV export's escape
         shown = name or where
         if not name:
             report.skipped.append((where, "empty file_name"))
@@ -888,11 +899,12 @@ def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, 
                   keep_identifiers: bool = False) -> ImportReport:
     """Import images into ``dataset`` (created when missing) as one all-or-nothing batch.
 
-    ``src`` is a folder (files directly inside, or ``src/<class>/...`` folder-per-class), a CSV
-    (``file_name,label[,text]``, paths relative to the CSV; ``text`` becomes a draft of source "import"),
-    or a single image or DICOM file. The label of an image is, in order: the CSV's label / the class
-    folder (not for DICOM: see below); ``label``; for DICOM, modality + body part from the tags; else
-    "unlabeled".
+    ``src`` is a folder (files directly inside, or ``src/<class>/...`` folder-per-class), a ``.zip`` of such a
+    folder (expanded within the ``MAX_ZIP_*`` limits into ``ws.tmp_dir``, removed afterwards; a hostile archive
+    is refused whole with ConfigError), a CSV (``file_name,label[,text]``, paths relative to the CSV; ``text``
+    becomes a draft of source "import"), or a single image or DICOM file. The label of an image is, in order:
+    the CSV's label / the class folder (not for DICOM: see below); ``label``; for DICOM, modality + body part
+    from the tags; else "unlabeled".
     Patient-data hygiene (module docstring): no original file/folder name and no identifying DICOM attribute
     is stored, and a DICOM tree's folders are not labels, unless ``keep_identifiers`` (the admin opt-in; the
     studio offers it to admins only), which creates the dataset with ``meta["keep_identifiers"] = True`` and is
@@ -915,9 +927,13 @@ def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, 
     report = ImportReport(dataset, identifiers_kept=keep)
     create = None if exists else {"modality": modality, "meta": {"keep_identifiers": True} if keep else {}}
     staging = _Staging(ws, store, dataset, report, keep_identifiers=keep)
+    unzipped: Path | None = None
     try:
         if src_path.is_dir():
             items: Iterator[_Item] = _tree_items(src_path, report, exclude=ws.root.resolve())
+        elif src_path.suffix.lower() == ".zip":
+            unzipped = Path(tempfile.mkdtemp(prefix="unzip-", dir=ws.tmp_dir))
+            items = _tree_items(_expand_zip(src_path, unzipped, _ZipBudget()), report)
         elif src_path.suffix.lower() == ".csv":
             items = _csv_items(src_path, report)
         else:
@@ -934,8 +950,146 @@ def import_images(ws: Workspace, store: "CaptionStore", src: str | os.PathLike, 
     except BaseException:
         staging.discard()
         raise
+    finally:
+        if unzipped is not None:
+            shutil.rmtree(unzipped, ignore_errors=True)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def import_files(ws: Workspace, store: "CaptionStore", paths: list[str | os.PathLike], dataset: str, *,
+                 modality: str = "generic", label: str | None = None,
+                 progress: Callable[[int, str], None] | None = None,
+                 keep_identifiers: bool = False) -> ImportReport:
+    """Import several files (the studio's uploads) as one :func:`import_images` batch.
+
+    The files are gathered in one folder under ``ws.tmp_dir`` (removed afterwards): loose files at its top
+    (two uploads with one name both kept), each ``.zip`` expanded into it as a folder-per-class tree within
+    the ``MAX_ZIP_*`` limits shared by all archives of the call (class folders of several archives merge)."""
+    validate_name(dataset, "dataset name")
+    budget = _ZipBudget()
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=ws.tmp_dir) as tmp:
+        gather = Path(tmp) / "files"
+        gather.mkdir()
+        for i, p in enumerate(paths):
+            src = Path(p)
+            if src.suffix.lower() == ".zip":
+                tree = _expand_zip(src, Path(tmp) / f"zip{i}", budget)
+                for f in sorted(q for q in tree.rglob("*") if q.is_file()):
+                    dst = gather / f.relative_to(tree)
+                    if dst.exists():
+                        dst = dst.with_name(f"{i}_{dst.name}")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dst)
+                continue
+            # Keep the uploaded name (import_images vets it) but never let two uploads collide.
+            dst = gather / (src.name if not (gather / src.name).exists() else f"{i}_{src.name}")
+            shutil.copyfile(src, dst)
+        return import_images(ws, store, gather, dataset, modality=modality, label=label, progress=progress,
+                             keep_identifiers=keep_identifiers)
+
+
+# ------------------------------------------------------------------------------------------------
+# Zip archives
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _ZipBudget:
+    """What the archives of one import may still expand to (bytes, entries)."""
+
+    bytes_left: int = field(default_factory=lambda: MAX_ZIP_BYTES)
+    members_left: int = field(default_factory=lambda: MAX_ZIP_MEMBERS)
+
+
+def _zip_member_path(info: zipfile.ZipInfo, archive: str) -> PurePosixPath | None:
+    """The member's relative path, None for entries to leave out (macOS resource forks), or ConfigError
+    for a name or a type that could write outside the staging folder or is not a plain file/folder."""
+    raw = info.filename
+    shown = _printable(raw)
+    if _CONTROL_RE.search(raw):
+        raise ConfigError(f"{archive} has an entry with control characters in its name ({shown!r}); "
+                          "nothing was imported.")
+    name = raw.replace("\\", "/")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or PureWindowsPath(raw).drive or name.startswith("~"):
+        raise ConfigError(f"{archive} has an entry with an absolute path ({shown!r}); nothing was imported. "
+                          "Zip the folder with relative paths.")
+    if ".." in rel.parts:
+        raise ConfigError(f"{archive} has an entry that points outside the archive ({shown!r}, '..'); "
+                          "nothing was imported.")
+    kind = stat.S_IFMT(info.external_attr >> 16)     # Unix mode of the entry; 0 from DOS/Windows tools
+    if kind == stat.S_IFLNK:
+        raise ConfigError(f"{archive} contains a symbolic link ({shown!r}); nothing was imported. Zip the "
+                          "files themselves (zip without --symlinks).")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise ConfigError(f"{archive} contains a device, pipe or socket entry ({shown!r}); nothing was imported.")
+    if info.flag_bits & 0x1:
+        raise ConfigError(f"{archive} is encrypted ({shown!r}); zip it without a password.")
+    if not rel.parts or rel.parts[0] == "__MACOSX":
+        return None
+    return rel
+
+
+def _expand_zip(archive: Path, dest: Path, budget: _ZipBudget) -> Path:
+    """Expand ``archive`` into ``dest`` (a fresh folder of ours) and return the root of its tree: ``dest``, or
+    its one top folder when the archive is a zipped folder-per-class tree (``data/<class>/...``).
+
+    Every entry is vetted (names, types, counts, sizes, ratios) before the first byte is written, and the
+    bytes are counted again while writing; any refusal is a ConfigError and ``dest`` is the caller's to remove."""
+    shown = _printable(archive.name)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConfigError(f"{shown} is not a readable zip archive ({e}); nothing was imported.") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > budget.members_left:
+            raise ConfigError(f"{shown} has {len(infos):,} entries; an import takes at most {MAX_ZIP_MEMBERS:,}. "
+                              "Split it into several imports.")
+        budget.members_left -= len(infos)
+        plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        total = 0
+        for info in infos:
+            rel = _zip_member_path(info, shown)
+            if info.file_size > MAX_ZIP_MEMBER_BYTES:
+                raise ConfigError(f"{shown}: {_printable(info.filename)!r} expands to {info.file_size:,} bytes; "
+                                  f"one file may be at most {MAX_ZIP_MEMBER_BYTES:,}.")
+            if info.file_size >= _ZIP_RATIO_FROM and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+                raise ConfigError(f"{shown}: {_printable(info.filename)!r} is compressed more than {MAX_ZIP_RATIO}:1 "
+                                  "(a zip bomb, or not an image); nothing was imported.")
+            total += info.file_size
+            if rel is not None:
+                plan.append((info, rel))
+        if total > budget.bytes_left:
+            raise ConfigError(f"{shown} expands to {total:,} bytes; an import takes at most {MAX_ZIP_BYTES:,} "
+                              "bytes of archives. Split it into several imports.")
+        dest.mkdir(parents=True, exist_ok=True)
+        for info, rel in plan:
+            target = dest.joinpath(*rel.parts)
+            try:
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "xb") as out:
+                    written = 0
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        written += len(chunk)
+                        if written > info.file_size or written > budget.bytes_left:
+                            raise ConfigError(f"{shown}: {_printable(info.filename)!r} holds more bytes than it "
+                                              "declares; nothing was imported.")
+                        out.write(chunk)
+                    budget.bytes_left -= written
+            except FileExistsError:
+                raise ConfigError(f"{shown} has {_printable(info.filename)!r} twice (or a file and a folder of one "
+                                  "name); nothing was imported.") from None
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError) as e:
+                raise ConfigError(f"{shown}: cannot expand {_printable(info.filename)!r} ({e}); nothing was "
+                                  "imported.") from None
+    tops = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    if len(tops) == 1 and tops[0].is_dir() and any(q.is_dir() and not q.name.startswith(".")
+                                                     for q in tops[0].iterdir()):
+        return tops[0]      # "zip -r data.zip data/": the class folders are one level down
+    return dest
 
 
 def _import_one(staging: _Staging, item: _Item, default_label: str | None) -> None:

@@ -5,6 +5,10 @@
 * metadata reading, shared by training (:func:`read_metadata` of an exported split) and caption import
   (:func:`import_captions`: one ``metadata.jsonl`` / ``metadata.csv`` file added as drafts).
 
+CSV cells are written through :func:`csv_safe_cell` (a caption ``=HYPERLINK(...)`` must not run as a formula
+in the spreadsheet an admin opens the export with) and read back through :func:`csv_cell_text`, its exact
+inverse, so an exported CSV imports as the captions that were exported.
+
 Everything here works through the public :class:`~medart_core.captions.CaptionStore` API; the store
 itself knows nothing about these layouts.
 """
@@ -15,6 +19,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -29,8 +34,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MetadataRow", "read_metadata", "read_caption_file", "ExportReport", "export_imagefolder",
-    "export_medart_csv", "CaptionImportReport", "import_captions", "import_captions_report",
+    "export_medart_csv", "CaptionImportReport", "import_captions", "import_captions_report", "csv_safe_cell",
+    "csv_cell_text",
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV cells: formula injection
+# ------------------------------------------------------------------------------------------------
+# Spreadsheets run a cell that starts with = + - @ (and, after a tab or carriage return, what follows) as a
+# formula: OWASP "CSV Injection" prefixes such a cell with a single quote, which the spreadsheet shows as
+# text. A cell that already starts with quotes before such a character gets one more, so that reading strips
+# exactly one quote and gives back every text exactly (the escape is injective).
+_FORMULA_CELL = re.compile(r"'*[=+\-@\t\r]")
+_ESCAPED_CELL = re.compile(r"'+[=+\-@\t\r]")
+
+
+def csv_safe_cell(text: str) -> str:
+    """``text`` as a CSV cell that no spreadsheet evaluates (a leading ``'`` where it would be a formula)."""
+    text = str(text)
+    return "'" + text if _FORMULA_CELL.match(text) else text
+
+
+def csv_cell_text(cell: str) -> str:
+    """The text that :func:`csv_safe_cell` turned into ``cell`` (one leading ``'`` removed where it added one)."""
+    return cell[1:] if _ESCAPED_CELL.match(cell) else cell
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,9 +88,10 @@ def _csv_rows(raw: str) -> csv.DictReader:
     return csv.DictReader(io.StringIO(raw, newline=""))
 
 
-def _row(r: dict) -> MetadataRow:
+def _row(r: dict, cell: Callable[[str], str] = str) -> MetadataRow:
+    """A JSON object or a CSV row (``cell=csv_cell_text`` undoes the export's formula escape) as a row."""
     v = r.get("caption_version")
-    return MetadataRow(file_name=str(r.get("file_name", "")), text=str(r.get("text", "")),
+    return MetadataRow(file_name=cell(str(r.get("file_name", ""))), text=cell(str(r.get("text", ""))),
                        caption_version=None if v in (None, "") else str(v))
 
 
@@ -77,7 +106,7 @@ def read_metadata(split_dir: Path) -> list[MetadataRow]:
                                                    lambda n, e: f"{jl}:{n} is not valid JSON ({e}).")]
     if cs.is_file():
         with cs.open(encoding="utf-8", newline="") as f:     # newline="": CRLF inside quoted fields stays
-            return [_row(r) for r in _csv_rows(f.read())]
+            return [_row(r, csv_cell_text) for r in _csv_rows(f.read())]
     return []
 
 
@@ -89,7 +118,7 @@ def read_caption_file(path: str | os.PathLike) -> list[tuple[int, MetadataRow]]:
         raise NotFoundError(f"Caption file {path} does not exist.")
     suffix = path.suffix.lower()
     try:
-        raw = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes().decode("utf-8-sig")   # no newline translation: a quoted "\r" stays in its field
     except UnicodeDecodeError:
         raise ConfigError(f"{path.name} is not UTF-8 text; save it as UTF-8 and import again.") from None
     out: list[tuple[int, MetadataRow]] = []
@@ -105,9 +134,7 @@ def read_caption_file(path: str | os.PathLike) -> list[tuple[int, MetadataRow]]:
         if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
             raise ConfigError(f"{path.name} needs a header row with columns 'file_name' and 'text'.")
         for no, row in enumerate(reader, start=1):
-            v = row.get("caption_version")
-            out.append((no, MetadataRow(row["file_name"] or "", row["text"] or "",
-                                        None if v in (None, "") else str(v))))
+            out.append((no, _row({k: v or "" for k, v in row.items()}, csv_cell_text)))
     else:
         raise ConfigError(f"Cannot read captions from {path.name}: use a metadata.jsonl or metadata.csv file.")
     return out
@@ -192,7 +219,8 @@ def export_imagefolder(store: "CaptionStore", ws, dataset: str, out_dir: str | o
 
 def export_medart_csv(store: "CaptionStore", ws, dataset: str, out_dir: str | os.PathLike, *,
                       status: str = "approved", overwrite: bool = False) -> ExportReport:
-    """The Med-Art reference layout: images plus ``metadata.csv`` with ``file_name,text`` (RFC 4180 quoting)."""
+    """The Med-Art reference layout: images plus ``metadata.csv`` with ``file_name,text`` (RFC 4180 quoting;
+    every cell through :func:`csv_safe_cell`, so a caption cannot be a spreadsheet formula)."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     rows, skipped = _export_rows(store, ws, dataset, status)
@@ -200,11 +228,16 @@ def export_medart_csv(store: "CaptionStore", ws, dataset: str, out_dir: str | os
         used: set[str] = {"metadata.csv"}
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
+        # The csv module quotes a field with a "\n" (the line terminator) but not one with a lone "\r", which
+        # readers take for a line break: a caption could end its row and start one of its own. Such rows are
+        # written with every field quoted.
+        quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(["file_name", "text"])
         for st, path in rows:
             name = _unique_name(path.name, st.image_id, used)
             shutil.copyfile(path, tmp / name)
-            writer.writerow([name, st.text])
+            cells = [csv_safe_cell(name), csv_safe_cell(st.text)]
+            (quoted if any("\r" in c for c in cells) else writer).writerow(cells)
         (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8", newline="")
     return ExportReport(out_dir, "medart_csv", status, len(rows), skipped, {"all": len(rows)})
 

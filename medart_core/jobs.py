@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import durable
 from .errors import ConfigError, MedArtError, NotFoundError
-from .workspace import Workspace, validate_name
+from .workspace import Workspace, private_file, validate_name
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 15_000
@@ -414,7 +414,7 @@ class JobLedger:
             self._pid = os.getpid()
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            con = sqlite3.connect(private_file(self.db_path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             con.row_factory = sqlite3.Row
             con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             con.execute("PRAGMA foreign_keys = ON")

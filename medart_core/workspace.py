@@ -12,11 +12,17 @@ Layout under ``MEDART_HOME`` (default ``./workspace``)::
     samples/                   generated images with JSON sidecars
     exports/                   caption exports, merged models
     tmp/                       staging for atomic writes (same filesystem as the targets)
+
+The workspace is private to the user running the studio: ``users.sqlite`` holds password hashes, the caption
+store and the images may hold patient data. :meth:`Workspace.open` makes the root folder ``0700`` (nothing
+inside can then be reached by another user, whatever the files' own modes) and the SQLite databases ``0600``;
+each store creates its database through :func:`private_file`, so it is private from its first byte.
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,32 @@ from .errors import ConfigError
 ENV_VAR = "MEDART_HOME"
 DEFAULT_HOME = "workspace"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def _owner_only(path: Path) -> None:
+    """Take group and other access away from ``path`` (kept as is where the filesystem has no modes or the
+    path is not ours: the workspace still works, as it did before)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & ~0o077)
+    except OSError:
+        pass
+
+
+def private_file(path: str | os.PathLike) -> Path:
+    """Create ``path`` empty with mode 0600, or make an existing one owner-only; returns it.
+
+    Called before a store's first SQLite connect: SQLite gives a database's ``-wal`` and ``-shm`` files the
+    database's own mode, so all three are private (an empty file is a valid empty database)."""
+    path = Path(path)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    except FileExistsError:
+        _owner_only(path)
+    return path
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -87,11 +119,17 @@ class Workspace:
 
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "Workspace":
-        """Open (and create) a workspace; ``root`` defaults to ``$MEDART_HOME`` or ``./workspace``."""
+        """Open (and create) a workspace; ``root`` defaults to ``$MEDART_HOME`` or ``./workspace``.
+
+        The root becomes owner-only (0700) and its SQLite files 0600, also for a workspace made before this
+        rule (module docstring)."""
         if root is None:
             root = os.environ.get(ENV_VAR) or DEFAULT_HOME
         ws = cls(Path(root).expanduser().resolve())
-        ws.root.mkdir(parents=True, exist_ok=True)
+        ws.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        _owner_only(ws.root)
+        for db in ws.root.glob("*.sqlite*"):
+            _owner_only(db)
         return ws
 
     # --- top level -------------------------------------------------------------------------
