@@ -31,6 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-open", action="store_true",
                    help="serve without sign-in on a non-loopback interface (anyone who reaches it acts as admin)")
     p.add_argument("--max-upload-mb", type=int, default=None, help="largest uploaded file, in MB (default 50)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name the studio answers to besides the bound address (repeatable; also "
+                        "$MEDART_ALLOWED_HOSTS, comma-separated); listing any turns the Host check on in every mode")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="another origin whose pages may call the studio with the user's cookie, e.g. "
+                        "https://portal.example.org (repeatable; also $MEDART_ALLOWED_ORIGINS)")
+    p.add_argument("--cookie-samesite", choices=("lax", "strict"), default=None,
+                   help="the sign-in cookie's SameSite (default lax; also $MEDART_COOKIE_SAMESITE)")
+    p.add_argument("--session-idle-minutes", type=float, default=None,
+                   help="a session without a request for this long ends (default 480; $MEDART_SESSION_IDLE_MINUTES)")
+    p.add_argument("--session-max-hours", type=float, default=None,
+                   help="no session lasts longer than this (default 24; $MEDART_SESSION_MAX_HOURS)")
     return p.parse_args(argv)
 
 
@@ -64,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         args.backbone = spaces.default_backbone(env)
 
     from medart_core.captions import CaptionStore
+    from studio.gate import GatePolicy
+
+    try:
+        policy = GatePolicy.for_serving(args.host, access.mode, hosts=args.allowed_host, origins=args.allowed_origin,
+                                        samesite=args.cookie_samesite, idle_minutes=args.session_idle_minutes,
+                                        max_hours=args.session_max_hours)
+    except MedArtError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     from studio.app import MAX_UPLOAD_MB, build_app, configure_queue, serve_kwargs, start_background_sample_build
     from studio.context import StudioContext
 
@@ -74,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = configure_queue(build_app(ctx))
     _, local_url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
                                   footer_links=["api"],
-                                  **serve_kwargs(ctx, max_upload_mb=args.max_upload_mb or MAX_UPLOAD_MB))
+                                  **serve_kwargs(ctx, max_upload_mb=args.max_upload_mb or MAX_UPLOAD_MB,
+                                                 policy=policy))
     print(f"Med-Art Studio running at {local_url}  (workspace {ws.root}, backbone {ctx.backbone_label()})",
           flush=True)
     print(_sign_in_line(access), flush=True)
@@ -85,7 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         demo.close()
+        _say_supervisor(ws)
     return 0
+
+
+def _say_supervisor(ws) -> None:
+    """The job supervisor is a process of its own (jobs survive a studio restart): say that it keeps running."""
+    from medart_core.jobs import supervisor_pid
+
+    pid = supervisor_pid(ws)
+    if pid is not None:
+        print(f"The job supervisor (pid {pid}) keeps running this workspace's jobs after the studio stops; "
+              f"when no job needs it (`python -m medart_core jobs list`), stop it with `kill {pid}`.", flush=True)
 
 
 def _sign_in_line(access) -> str:

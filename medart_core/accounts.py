@@ -8,7 +8,7 @@ Three roles, each one including the one before it:
 
 Passwords are stored as bcrypt hashes (``bcrypt`` pinned in requirements.txt), never as text; a user
 without a password signs in through Hugging Face OAuth on a Space only. The table is managed with
-``python -m medart_core users add|list|set-role|passwd|remove``; ``add`` and ``passwd`` read the password
+``python -m medart_core users add|list|set-role|passwd|unlock|remove``; ``add`` and ``passwd`` read the password
 from ``--password-stdin`` or a prompt, never from a command-line argument (which ``ps`` shows to everyone).
 
 With no users at all the studio runs open on 127.0.0.1 (see ``app.py``): this module only answers "who is
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 import sqlite3
 import sys
 import threading
@@ -44,6 +45,12 @@ MAX_PASSWORD_BYTES = 72          # bcrypt uses only the first 72 bytes; bcrypt 5
 BCRYPT_ROUNDS = 12
 USERS_DB = "users.sqlite"
 ADMINS_ENV = "MEDART_ADMINS"
+# Brute-force back-off per account: after LOCK_AFTER failed sign-ins in a row the account is locked for
+# LOCK_FIRST_S, doubling with each further failure up to LOCK_MAX_S; a successful sign-in or `users unlock`
+# clears it. A lock refuses the right password too (that is the point).
+LOCK_AFTER = 5
+LOCK_FIRST_S = 60.0
+LOCK_MAX_S = 3600.0
 
 
 def validate_username(name: Any) -> str:
@@ -107,10 +114,24 @@ class User:
     created_at: str
     updated_at: str
     created_by: str | None = None
+    stamp: str = ""              # changes with every change to the user: sessions signed in before it end
 
     @property
     def sign_in(self) -> str:
         return "password" if self.has_password else "Hugging Face"
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """Failed sign-ins of one account in a row, and until when (epoch seconds) it is locked."""
+
+    name: str
+    failures: int
+    locked_until: float
+    last_failure: float
+
+    def locked(self, now: float | None = None) -> bool:
+        return self.locked_until > (time.time() if now is None else now)
 
 
 _SCHEMA = """
@@ -120,9 +141,22 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    created_by TEXT
+    created_by TEXT,
+    stamp TEXT
+);
+CREATE TABLE IF NOT EXISTS lockouts (
+    name TEXT PRIMARY KEY COLLATE NOCASE,
+    failures INTEGER NOT NULL,
+    locked_until REAL NOT NULL,
+    last_failure REAL NOT NULL
 );
 """
+# Lockouts are not replicated by durable.py (only `users` is in its spec): failed sign-ins are attacker-driven
+# writes and must not grow the durable log; a lock does not need to survive a restart of a Space.
+
+
+def _new_stamp() -> str:
+    return secrets.token_hex(8)
 
 
 def _now() -> str:
@@ -146,11 +180,16 @@ class UserStore:
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
+            from .workspace import private_file
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+            con = sqlite3.connect(private_file(self.path), isolation_level=None, timeout=10.0,
+                                  check_same_thread=False)     # password hashes: readable by the owner only
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA busy_timeout = 10000")
             con.executescript(_SCHEMA)
+            if "stamp" not in {r[1] for r in con.execute("PRAGMA table_info(users)")}:
+                con.execute("ALTER TABLE users ADD COLUMN stamp TEXT")   # tables written before stamps existed
             self._local.con = con
         return con
 
@@ -178,7 +217,7 @@ class UserStore:
     @staticmethod
     def _user(row: sqlite3.Row) -> User:
         return User(row["name"], row["role"], row["password_hash"] is not None, row["created_at"], row["updated_at"],
-                    row["created_by"])
+                    row["created_by"], row["stamp"] or "")
 
     def list(self) -> list[User]:
         if not self.exists():
@@ -200,6 +239,56 @@ class UserStore:
     def role_of(self, name: str | None) -> str | None:
         u = self.get(name)
         return u.role if u is not None else None
+
+    def canonical(self, name: str | None) -> str | None:
+        """The stored spelling of ``name`` (names are case-insensitive: ``ANN`` and ``ann`` are one account and
+        one identity everywhere), or None for an unknown name."""
+        u = self.get(name)
+        return u.name if u is not None else None
+
+    # ---- brute-force back-off --------------------------------------------------------------------
+    def lockout(self, name: str | None) -> Lockout | None:
+        if not name or not self.exists():
+            return None
+        row = self._con().execute("SELECT * FROM lockouts WHERE name = ?", (str(name).strip(),)).fetchone()
+        return Lockout(row["name"], row["failures"], row["locked_until"], row["last_failure"]) if row else None
+
+    def record_failure(self, name: str, *, now: float | None = None) -> Lockout | None:
+        """Count one failed sign-in of an existing account; locks it after :data:`LOCK_AFTER` in a row. None for
+        an unknown name (nothing is stored for names that do not exist)."""
+        canonical = self.canonical(name)
+        if canonical is None:
+            return None
+        now = time.time() if now is None else now
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute("SELECT failures FROM lockouts WHERE name = ?", (canonical,)).fetchone()
+            failures = (row["failures"] if row else 0) + 1
+            over = failures - LOCK_AFTER
+            until = now + min(LOCK_MAX_S, LOCK_FIRST_S * 2 ** over) if over >= 0 else 0.0
+            con.execute("INSERT INTO lockouts (name, failures, locked_until, last_failure) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET failures = excluded.failures, "
+                        "locked_until = excluded.locked_until, last_failure = excluded.last_failure",
+                        (canonical, failures, until, now))
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        return self.lockout(canonical)
+
+    def clear_failures(self, name: str) -> bool:
+        """Forget an account's failed sign-ins (a successful sign-in, or an admin's `users unlock`)."""
+        if not self.exists():
+            return False
+        return self._con().execute("DELETE FROM lockouts WHERE name = ?", (str(name).strip(),)).rowcount > 0
+
+    def lockouts(self) -> list[Lockout]:
+        """Accounts with failed sign-ins, locked ones first (the Users tab and `users list` show them)."""
+        if not self.exists():
+            return []
+        rows = self._con().execute("SELECT * FROM lockouts ORDER BY locked_until DESC, name").fetchall()
+        return [Lockout(r["name"], r["failures"], r["locked_until"], r["last_failure"]) for r in rows]
 
     def verify(self, name: str, password: str) -> bool:
         """The sign-in check: True only for an existing user with a password that matches. Unknown users cost
@@ -226,8 +315,9 @@ class UserStore:
         with self._write() as con:
             if con.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise ConfigError(f"User {name!r} exists already: use set-role or passwd to change it.")
-            con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", (name, role, hashed, now, now, by))
+            con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by, stamp) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, role, hashed, now, now, by, _new_stamp()))
+        self.clear_failures(name)           # a re-created account starts without the old one's failures
         return self.get(name)  # type: ignore[return-value]
 
     def _admins_left(self, con: sqlite3.Connection, without: str) -> int:
@@ -245,16 +335,18 @@ class UserStore:
                 raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
             if row["role"] == ADMIN and role != ADMIN and not force and self._admins_left(con, name.strip()) == 0:
                 raise ConfigError(f"{name!r} is the last admin: make another user admin first (or pass --force).")
-            con.execute("UPDATE users SET role = ?, updated_at = ? WHERE name = ?", (role, _now(), name.strip()))
+            con.execute("UPDATE users SET role = ?, updated_at = ?, stamp = ? WHERE name = ?",
+                        (role, _now(), _new_stamp(), name.strip()))
         return self.get(name)  # type: ignore[return-value]
 
     def set_password(self, name: str, password: str | None) -> User:
         hashed = hash_password(password) if password is not None else None
         with self._write() as con:
-            cur = con.execute("UPDATE users SET password_hash = ?, updated_at = ? WHERE name = ?",
-                              (hashed, _now(), str(name).strip()))
+            cur = con.execute("UPDATE users SET password_hash = ?, updated_at = ?, stamp = ? WHERE name = ?",
+                              (hashed, _now(), _new_stamp(), str(name).strip()))
             if cur.rowcount == 0:
                 raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
+        self.clear_failures(name)           # a new password is also the way out of a lock
         return self.get(name)  # type: ignore[return-value]
 
     def remove(self, name: str, *, force: bool = False) -> None:
@@ -268,6 +360,7 @@ class UserStore:
                 raise ConfigError(f"{name!r} is the last admin and other users remain: make another user admin "
                                   "first (or pass --force).")
             con.execute("DELETE FROM users WHERE name = ?", (name.strip(),))
+        self.clear_failures(name)
 
     def seed_admins(self, names: Iterable[str], *, by: str = ADMINS_ENV) -> list[str]:
         """Make each name an admin (added without a password, or promoted): the ``MEDART_ADMINS`` secret of a
@@ -282,10 +375,11 @@ class UserStore:
             with self._write() as con:
                 row = con.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
                 if row is None:
-                    con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by) "
-                                "VALUES (?, 'admin', NULL, ?, ?, ?)", (name, now, now, by))
+                    con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by, "
+                                "stamp) VALUES (?, 'admin', NULL, ?, ?, ?, ?)", (name, now, now, by, _new_stamp()))
                 elif row["role"] != ADMIN:
-                    con.execute("UPDATE users SET role = 'admin', updated_at = ? WHERE name = ?", (now, name))
+                    con.execute("UPDATE users SET role = 'admin', updated_at = ?, stamp = ? WHERE name = ?",
+                                (now, _new_stamp(), name))
             done.append(name)
         return done
 
@@ -344,6 +438,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(f"{'name':<{w}}  {'role':<9}  {'sign-in':<12}  {'created':<20}  updated")
     for u in users:
         print(f"{u.name:<{w}}  {u.role:<9}  {u.sign_in:<12}  {u.created_at:<20}  {u.updated_at}")
+    store = _store(args)
+    for lk in store.lockouts():
+        state = (f"locked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lk.locked_until))}"
+                 if lk.locked() else "not locked")
+        print(f"{lk.name}: {lk.failures} failed sign-in(s) in a row, {state} (`users unlock {lk.name}` clears it)")
+    return 0
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    store = _store(args)
+    name = store.canonical(args.name)
+    if name is None:
+        raise NotFoundError(f"No user named {args.name!r}: `users list` shows them.")
+    print(f"unlocked {name}" if store.clear_failures(name) else f"{name} was not locked")
     return 0
 
 
@@ -369,7 +477,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    """Add ``users add|list|set-role|passwd|remove`` to the ``python -m medart_core`` parser."""
+    """Add ``users add|list|set-role|passwd|unlock|remove`` to the ``python -m medart_core`` parser."""
     up = subparsers.add_parser("users", help="who may sign in to the studio, and with which role")
     usub = up.add_subparsers(dest="users_command", required=True, metavar="ACTION")
 
@@ -405,6 +513,12 @@ def register_cli(subparsers: Any) -> None:
     pw(p)
     ws(p)
     p.set_defaults(func=_cmd_passwd)
+
+    p = usub.add_parser("unlock", help="clear a user's failed sign-ins (an account locks after "
+                        f"{LOCK_AFTER} in a row)")
+    p.add_argument("name")
+    ws(p)
+    p.set_defaults(func=_cmd_unlock)
 
     p = usub.add_parser("remove", help="remove a user (refused from their next click on)")
     p.add_argument("name")

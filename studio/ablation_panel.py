@@ -78,7 +78,7 @@ def build_ablation_panel(ctx: StudioContext, tab: Any = None) -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown(INTRO)
     with gr.Row():
-        c["which"] = gr.Dropdown(ablation_choices(ctx), label="Saved ablation", scale=4)
+        c["which"] = gr.Dropdown([], label="Saved ablation", scale=4, allow_custom_value=True)
         c["refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40)
     c["table"] = gr.Markdown()
     c["overview"] = gr.Image(label="At a glance: real images, then each row's generated images (first seed)",

@@ -26,6 +26,7 @@ from medart_core.accounts import ADMIN, ANNOTATOR, TRAINER
 from .auth import SIGNED_IN, FileRouteGuard, ServeRules, lock_notice, protect, requires, session_markdown, \
     workspace_blocked_paths
 from .context import StudioContext
+from .gate import Gate, GateParts, GatePolicy, Sessions
 
 log = logging.getLogger("medart.studio")
 
@@ -159,7 +160,8 @@ def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     return demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
 
 
-def serve_kwargs(ctx: StudioContext, *, max_upload_mb: int = MAX_UPLOAD_MB) -> dict[str, Any]:
+def serve_kwargs(ctx: StudioContext, *, max_upload_mb: int = MAX_UPLOAD_MB, host: str | None = None,
+                 policy: "GatePolicy | None" = None) -> dict[str, Any]:
     """Everything ``demo.launch`` needs besides host and port: sign-in, served/blocked paths, limits.
 
     * ``auth``: the users table's bcrypt check in password mode (OAuth on a Space is the login button);
@@ -170,7 +172,12 @@ def serve_kwargs(ctx: StudioContext, *, max_upload_mb: int = MAX_UPLOAD_MB) -> d
     * ``max_file_size``: per uploaded file; Pillow's pixel limit is set to the import's own
       (``medart_core.data.MAX_PIXELS``) for any image Gradio decodes;
     * ``run_history=False``: Gradio would otherwise keep every call's inputs and outputs in the browser (and
-      offer to push them to a Hub bucket): patient images do not go there.
+      offer to push them to a Hub bucket): patient images do not go there;
+    * ``show_error=False``: an unexpected exception (a bug) reaches the user as Gradio's generic "Error", not
+      as its text (paths, SQL); messages meant for users are ``gr.Error``s and are shown anyway;
+    * the :class:`~studio.gate.Gate` middleware first (hosts, origins, sessions, body limits, sign-in; its
+      policy from ``policy`` or :meth:`~studio.gate.GatePolicy.for_serving` for ``host``), kept on
+      ``ctx.gate``.
     """
     from PIL import Image
 
@@ -179,13 +186,17 @@ def serve_kwargs(ctx: StudioContext, *, max_upload_mb: int = MAX_UPLOAD_MB) -> d
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS      # Pillow refuses outright above twice this (decompression bombs)
     access, ws = ctx.access, ctx.ws
     rules = ServeRules.for_workspace(ws, gradio_dirs=[_gradio_cache()])
+    policy = policy or GatePolicy.for_serving(host or access.host, access.mode)
+    ctx.gate = GateParts(policy, Sessions(access, policy))
     kw: dict[str, Any] = {
         "allowed_paths": [str(ws.datasets_dir), str(ws.samples_dir)],
         "blocked_paths": workspace_blocked_paths(ws),
         "max_file_size": f"{int(max_upload_mb)}mb",
-        "app_kwargs": {"middleware": [_middleware(FileRouteGuard, access=access, rules=rules)]},
+        "app_kwargs": {"middleware": [
+            _middleware(Gate, access=access, policy=policy, sessions=ctx.gate.sessions, throttle=ctx.gate.throttle),
+            _middleware(FileRouteGuard, access=access, rules=rules)]},
         "run_history": False,
-        "show_error": True,
+        "show_error": False,
         **launch_kwargs(),
     }
     if access.mode == "password":

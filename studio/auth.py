@@ -28,11 +28,13 @@ import inspect
 import ipaddress
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from medart_core.accounts import ADMIN, ANNOTATOR, ROLE_DOES, ROLES, TRAINER, UserStore, admins_from_env, role_allows
+from medart_core.accounts import ADMIN, ANNOTATOR, LOCK_AFTER, ROLE_DOES, ROLES, TRAINER, UserStore, \
+    admins_from_env, role_allows
 
 log = logging.getLogger("medart.auth")
 
@@ -122,12 +124,17 @@ class Access:
         return self.mode != "open"
 
     def user_of(self, request: Any) -> str | None:
+        """The signed-in user, spelled as the account is stored (``ANN`` and ``ann`` are one identity in events,
+        votes, jobs and banners); None when signed out or in open mode."""
         if self.mode == "password":
             user = getattr(request, "username", None) if request is not None else None
-            return str(user) if user else None
-        if self.mode == "oauth":
-            return oauth_username(request)
-        return None
+        elif self.mode == "oauth":
+            user = oauth_username(request)
+        else:
+            return None
+        if not user:
+            return None
+        return (self.users.canonical(str(user)) if self.users is not None else None) or str(user)
 
     def role_of(self, user: str | None) -> str | None:
         if not self.enabled:
@@ -332,11 +339,11 @@ class ServeRules:
             p = Path(os.path.abspath(target)).resolve()
         except (OSError, RuntimeError, ValueError):
             return None
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            return None           # Gradio's own folders too: uploads of any type must not be served back
         for d in (*self.gradio_dirs, *(Path(x).resolve() for x in extra_gradio_dirs)):
             if _inside(p, d):
                 return ANNOTATOR
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            return None
         if _inside(p, self.datasets_dir):
             rel = p.relative_to(self.datasets_dir).parts
             return ANNOTATOR if len(rel) >= 3 and rel[1] == "images" else None
@@ -398,7 +405,11 @@ class FileRouteGuard:
         await self.app(scope, receive, send)
 
     def decide(self, scope: dict, target: str | None) -> tuple[int, str]:
-        """(200, "") to pass the request on to Gradio, else the refusal. ``target=None``: an upload."""
+        """(200, "") to pass the request on to Gradio, else the refusal. ``target=None``: an upload. Sign-in is
+        checked before the path, so a signed-out visitor learns nothing about which paths exist (always 401)."""
+        user = _scope_user(self.access, scope) if self.access.enabled else None
+        if self.access.enabled and not user:
+            return 401, "Not authenticated."
         if target is None:
             needed = ANNOTATOR
         else:
@@ -409,9 +420,6 @@ class FileRouteGuard:
             return 403, "File not allowed."
         if not self.access.enabled:
             return 200, ""
-        user = _scope_user(self.access, scope)
-        if not user:
-            return 401, "Not authenticated."
         role = self.access.role_of(user)
         if not role_allows(role, needed):
             return 403, "Not allowed for your role."
@@ -425,7 +433,8 @@ def _scope_user(access: Access, scope: dict) -> str | None:
 
         if info.get("expires_at") is not None and info["expires_at"] < time.time():
             return None
-        return ((info.get("userinfo") or {}).get("preferred_username")) or None
+        user = ((info.get("userinfo") or {}).get("preferred_username")) or None
+        return ((access.users.canonical(user) if access.users is not None else None) or user) if user else None
     app = scope.get("app")
     tokens = getattr(app, "tokens", None) or {}
     cookie_id = getattr(app, "cookie_id", "")
@@ -456,6 +465,18 @@ async def _plain(send: Any, status: int, text: str) -> None:
 # The Users tab (admin)
 # =========================================================================================================
 USER_COLUMNS = ["name", "role", "sign-in", "created", "updated", "added by"]
+LOCK_COLUMNS = ["name", "failed sign-ins in a row", "state", "last failure"]
+
+
+def lockout_rows(access: Access) -> list[list[str]]:
+    if access.users is None:
+        return []
+
+    def ts(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    return [[lk.name, str(lk.failures), f"locked until {ts(lk.locked_until)}" if lk.locked() else "not locked",
+             ts(lk.last_failure)] for lk in access.users.lockouts()]
 
 
 def users_rows(access: Access) -> list[list[str]]:
@@ -523,9 +544,31 @@ def build_users_tab(ctx: Any) -> None:
         access.users.remove(n)
         return users_rows(access), f"Removed {(n or '').strip()}."
 
+    gr.Markdown(f"**Failed sign-ins.** An account locks after {LOCK_AFTER} wrong passwords in a row (for a minute, "
+                "doubling with each further failure, at most an hour); unlocking, a new password or a successful "
+                "sign-in clears it. Shell: `python -m medart_core users list|unlock NAME`.")
+    locked = gr.Dataframe(headers=LOCK_COLUMNS, datatype="str", interactive=False, elem_id="users-locked")
+    unlock_b = gr.Button("Unlock user", elem_id="users-unlock", size="sm")
+
+    @user_errors
+    def on_locked():
+        return lockout_rows(access)
+
+    @user_errors
+    def on_unlock(n):
+        from medart_core.errors import NotFoundError
+
+        name = access.users.canonical(n)
+        if name is None:
+            raise NotFoundError(f"No user named {(n or '').strip()!r}.")
+        done = access.users.clear_failures(name)
+        return lockout_rows(access), f"Unlocked {name}." if done else f"{name} was not locked."
+
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_list, None, table, api_name="users_list", show_progress="hidden")
+        root.load(on_locked, None, locked, api_name="users_locked", show_progress="hidden")
+    unlock_b.click(on_unlock, name, [locked, notice], api_name="users_unlock")
     add_b.click(on_add, [name, role, password], [table, notice, password], api_name="users_add")
     role_b.click(on_role, [name, role], [table, notice], api_name="users_set_role")
     pw_b.click(on_password, [name, password], [table, notice, password], api_name="users_set_password")

@@ -17,6 +17,7 @@ updates; what happens on each action (save before move, conflicts, next pending,
 """
 # No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation of the
 # wrappers below to inject the request.
+import threading
 from typing import Any
 
 import gradio as gr
@@ -422,24 +423,28 @@ def build_caption_tab(ctx) -> None:
     # The only thing the browser fetches from the workspace is the image being reviewed; serving the
     # datasets folder as static files avoids copying every viewed image into Gradio's cache.
     gr.set_static_paths([str(ctx.ws.datasets_dir)])
-    ctx.review.tokenizer()        # load once at build time, not on the first keystroke
+    # The tokenizer loads in the background: building the page must not wait for it (studio start), and the
+    # first keystroke rarely comes before it is there.
+    threading.Thread(target=ctx.review.tokenizer, name="caption-tokenizer", daemon=True).start()
 
-    names = dataset_names(ctx)          # refreshed on every page load; known now so API clients can pick one
-    first = names[0] if names else None
+    # No workspace data in build-time values: /config and the page are the same for everyone, signed in or
+    # not. The dataset list and classes come with the guarded page load; API clients may name any dataset
+    # (allow_custom_value), and the library refuses one that does not exist.
     state = gr.State(CaptionSession())
     saved_name = gr.BrowserState("", storage_key="medart_reviewer")
 
     gr.HTML(_shortcuts_html(), js_on_load=KEYBOARD_JS, elem_id="cap-shortcuts")
     with gr.Row():
-        dataset = gr.Dropdown(label="Dataset", choices=names, value=first, scale=2, elem_id="cap-dataset")
+        dataset = gr.Dropdown(label="Dataset", choices=[], value=None, scale=2, elem_id="cap-dataset",
+                              allow_custom_value=True)
         reviewer = gr.Textbox(label="Reviewer (your name; remembered in this browser)", scale=2,
                               elem_id="cap-reviewer", max_length=MAX_REVIEWER_CHARS)
         refresh = gr.Button("Refresh list", scale=0, min_width=120, size="sm", elem_id="cap-refresh")
     with gr.Accordion("Filters", open=False):
         with gr.Row():
             status_f = gr.Dropdown(label="Status", choices=[ANY, *STATUSES], value=ANY, elem_id="cap-f-status")
-            label_f = gr.Dropdown(label="Class", choices=[ANY] + (ctx.store.labels(first) if first else []),
-                                  value=ANY, elem_id="cap-f-class")
+            label_f = gr.Dropdown(label="Class", choices=[ANY], value=ANY, elem_id="cap-f-class",
+                                  allow_custom_value=True)
             reviewer_f = gr.Textbox(label="Last reviewer", elem_id="cap-f-reviewer")
             edited_f = gr.Radio(["any", "edited", "unedited"], value="any", label="Edited by a human")
         with gr.Row():

@@ -502,7 +502,8 @@ def blind_view(ctx: StudioContext, study: str | None, reviewer: str | None, noti
                 "results": blind_results_html(res)}
     left, right = neutral_pair_images(pair.left, pair.right)
     prompt = f"<div class='cmp-note'>Prompt of both images: {esc(pair.prompt)}</div>" if pair.prompt else ""
-    return {"state": {"study": study, "pair_id": pair.pair_id}, "left": left, "right": right, "prompt": prompt,
+    return {"state": {"study": study, "pair_id": pair.pair_id, "shown_to": pair.reviewer}, "left": left,
+            "right": right, "prompt": prompt,
             "enabled": True, "notice": notice, "position": _pos_html(f"pair {pair.position + 1} / {pair.total}"),
             "results": "<p class='cmp-note'>The results (which name the sources) appear when you have reviewed every "
                        "pair of this study.</p>"}
@@ -517,7 +518,8 @@ def blind_vote(ctx: StudioContext, state: dict[str, Any] | None, reviewer: str |
         raise ConfigError("No pair on screen: pick a study and press Start.")
     if not reviewer:
         raise ConfigError("Enter your name (or log in) before voting: every vote is stored with its reviewer.")
-    _reviews(ctx).vote(study, int(pair_id), reviewer, choice, tag)
+    # The left/right order is the reviewer's own: "left" is resolved against the name the pair was shown to.
+    _reviews(ctx).vote(study, int(pair_id), reviewer, choice, tag, shown_to=state.get("shown_to"))
     what = {"left": "left", "right": "right", None: "artefact flagged"}[choice]
     if tag and tag.strip():
         what += f", tag “{tag.strip()}”"
@@ -567,7 +569,7 @@ def build_compare_tab(ctx: StudioContext) -> dict[str, Any]:
     # images never come from these folders (they are fresh PIL images, served from Gradio's cache).
     ctx.ws.samples_dir.mkdir(parents=True, exist_ok=True)
     gr.set_static_paths([str(ctx.ws.datasets_dir), str(ctx.ws.samples_dir)])
-    names = dataset_names(ctx)
+    # No workspace data at build time: the dataset list comes with the guarded page load (on_load).
     quiet = dict(show_progress="hidden")
     c: dict[str, Any] = {}
 
@@ -582,7 +584,7 @@ def build_compare_tab(ctx: StudioContext) -> dict[str, Any]:
                                                elem_id="cmp-checkpoints",
                                                label="Checkpoints (base = no adapters; RUN@STEP)")
                 c["ck_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40)
-                c["dataset"] = gr.Dropdown(names, value=names[0] if names else None, allow_custom_value=True,
+                c["dataset"] = gr.Dropdown([], value=None, allow_custom_value=True,
                                            label="Dataset (real images)",
                                            scale=2, elem_id="cmp-dataset")
             with gr.Row():

@@ -31,6 +31,7 @@ class StudioContext:
     # Who may do what: open (no users; everyone is admin), password sign-in, or Hugging Face OAuth on a Space.
     access: Access = field(default_factory=Access)
     environment: str | None = None   # the banner's "where we run" line (medart_core.spaces), read once
+    gate: Any = None                 # studio.gate.GateParts once serve_kwargs made them (policy, sessions)
     _review: "ReviewContext | None" = field(default=None, init=False, repr=False, compare=False)
     _review_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -71,9 +72,12 @@ class StudioContext:
     def reviewer_for(self, request: "gr.Request | None", typed_name: str | None) -> str | None:
         """The logged-in user when auth is on (``request.username``, or the Hugging Face profile on a Space);
         otherwise the name typed once per browser session."""
-        user = getattr(request, "username", None) if request is not None else None
-        if not user and self.access.mode == "oauth":
-            user = self.access.user_of(request)
+        if request is None:
+            user = None
+        elif self.access.enabled:
+            user = self.access.user_of(request)      # the account's stored spelling: one identity per account
+        else:
+            user = getattr(request, "username", None)
         if user:
             return str(user)
         if self.access.enabled:

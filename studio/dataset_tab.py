@@ -37,7 +37,12 @@ def dataset_choices(ctx: StudioContext) -> list[str]:
 
 def workspace_banner(ctx: StudioContext) -> str:
     build = ctx.status.get("sample")
-    lines = [f"**Workspace** `{html.escape(str(ctx.ws.root))}` · **Backbone** {html.escape(ctx.backbone_label())}",
+    from .auth import current_request
+
+    # The absolute path says where patient data lives on the server: admins only.
+    where = (f"**Workspace** `{html.escape(str(ctx.ws.root))}` · " if ctx.access.may(current_request(), ADMIN)
+             else "")
+    lines = [f"{where}**Backbone** {html.escape(ctx.backbone_label())}",
              html.escape(ctx.environment_line())]
     if build == "building":
         lines.append("⏳ Building the sample dataset from images shipped in pip packages (first start only)…")
@@ -89,21 +94,10 @@ def image_detail(ctx: StudioContext, image_id: int | None) -> tuple[str | None, 
 
 
 def import_uploads(ctx: StudioContext, paths: list[str], dataset: str, *, modality: str, label: str | None):
-    """Gather uploaded files (Gradio's temp copies) in one staging folder and import them as one batch."""
-    import shutil
-    import tempfile
+    """Import uploaded files (Gradio's temp copies; ``.zip`` archives expanded) as one batch."""
+    from medart_core.data import import_files
 
-    from medart_core.data import import_images
-    from medart_core.workspace import validate_name
-
-    validate_name(dataset, "dataset name")
-    with tempfile.TemporaryDirectory(dir=ctx.ws.tmp_dir) as tmp:
-        for i, p in enumerate(paths):
-            src = Path(p)
-            # Keep the uploaded name (import_images vets it) but never let two uploads collide.
-            dst = Path(tmp) / (src.name if not (Path(tmp) / src.name).exists() else f"{i}_{src.name}")
-            shutil.copyfile(src, dst)
-        return import_images(ctx.ws, ctx.store, tmp, dataset, modality=modality, label=label)
+    return import_files(ctx.ws, ctx.store, paths, dataset, modality=modality, label=label)
 
 
 def _one_line(text: str | None, n: int = 90) -> str:
@@ -115,7 +109,7 @@ def _one_line(text: str | None, n: int = 90) -> str:
 
 def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
     """Lay out the tab inside the current ``gr.Tab`` context and wire its events."""
-    banner = gr.Markdown(workspace_banner(ctx), elem_id="ds-banner")
+    banner = gr.Markdown(elem_id="ds-banner")          # filled by the guarded page load
     with gr.Row():
         # Choices change at run time (imports, first-start build), so API callers may name any dataset;
         # the handlers check it against the store and answer with a clear message.
@@ -144,8 +138,10 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
             with gr.Accordion("Caption history", open=False):
                 hist = gr.Textbox(lines=6, interactive=False, show_label=False, elem_id="ds-history")
     with gr.Accordion("Import images", open=False):
-        gr.Markdown("Folder-per-class trees (zip them), CSV `file_name,label[,text]` with its images, DICOM, "
-                    "PNG/JPEG/TIFF. Bad files are skipped with a reason; nothing already stored is changed.")
+        gr.Markdown("A folder-per-class tree as a `.zip` (its folder names are the class labels), CSV "
+                    "`file_name,label[,text]` with its images, DICOM, PNG/JPEG/TIFF. Bad files are skipped with a "
+                    "reason; an unsafe archive (paths outside it, links, a zip bomb) is refused whole; nothing "
+                    "already stored is changed.")
         with gr.Row():
             up = gr.File(file_count="multiple", label="Files", elem_id="ds-upload")
             with gr.Column():
@@ -199,8 +195,12 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
     def _on_import(files, name, label, modality, current):
         if not files:
             raise ConfigError("Choose one or more files to import first.")
-        report = import_uploads(ctx, [getattr(f, "name", f) for f in files], (name or "").strip(),
-                                modality=modality, label=(label or "").strip() or None)
+        paths = [getattr(f, "name", f) for f in files]
+        try:
+            report = import_uploads(ctx, paths, (name or "").strip(), modality=modality,
+                                    label=(label or "").strip() or None)
+        finally:
+            discard_uploads(paths)      # originals (DICOMs under their own names) never stay in Gradio's cache
         refreshed = _refresh_all(name.strip() if report.imported else current)
         return (report.summary(),) + refreshed
 
@@ -221,6 +221,10 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
     id_box = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
     id_box.change(_on_image_id, id_box, [big, head, caption, prov, hist], api_name="image_detail")
 
+    root = gr.context.Context.root_block
+    if root is not None:      # the banner, datasets and first page come with the (guarded) page load
+        root.load(user_errors(_refresh_all), ds, outs_all, api_name="dataset_refresh", show_progress="hidden")
+
     timer = gr.Timer(2.0, active=True)
 
     @user_errors
@@ -231,6 +235,25 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
 
     timer.tick(_poll, ds, outs_all + [timer], api_name=False, show_progress="hidden")
     return {"dataset": ds, "refresh": lambda: _refresh_all(None), "outputs": outs_all}
+
+
+def discard_uploads(paths: list[str]) -> int:
+    """Delete uploaded files once imported (or refused): only files inside Gradio's upload cache, never a path
+    elsewhere. Returns how many were deleted."""
+    from gradio import utils
+
+    cache = Path(utils.get_upload_folder()).resolve()
+    n = 0
+    for raw in paths:
+        p = Path(str(raw)).resolve()
+        if cache in p.parents and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+            try:
+                p.parent.rmdir()        # Gradio keeps each upload in a folder of its own
+            except OSError:
+                pass
+    return n
 
 
 def thumbnail_paths(items: list[tuple[str, str]]) -> list[Path]:

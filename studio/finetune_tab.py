@@ -493,14 +493,15 @@ def _owner(ctx: StudioContext, request: gr.Request | None) -> str | None:
 
 def build_finetune_tab(ctx: StudioContext) -> None:
     """Build the Fine-tune tab inside the caller's ``gr.Tab`` (or any Blocks context)."""
-    names = dataset_names(ctx)
+    # No workspace data in build-time values (it would reach /config for every role): datasets, the dataset
+    # summary and the runs table come with the guarded page load.
     preset0 = "cpu-smoke"   # replaced on load by the detected device's choice
     v0 = preset_values(preset0)
     banner = gr.Markdown(elem_id="ft-banner")
     with gr.Row():
         with gr.Column(scale=1, min_width=360):
-            dataset = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="ft-dataset")
-            ds_info = gr.Markdown(dataset_info(ctx, names[0] if names else None))
+            dataset = gr.Dropdown([], value=None, label="Dataset", elem_id="ft-dataset", allow_custom_value=True)
+            ds_info = gr.Markdown()
             captions = gr.Radio(["approved", "latest"], value="approved", label="Captions")
             backbone = gr.Dropdown(list(dict.fromkeys([ctx.backbone_spec, *BACKBONES])), value=ctx.backbone_spec,
                                    allow_custom_value=True, label="Backbone", elem_id="ft-backbone")
@@ -554,7 +555,7 @@ def build_finetune_tab(ctx: StudioContext) -> None:
             with gr.Accordion("Job record (JSON)", open=False):
                 job_json = gr.JSON()
     gr.Markdown("### Runs")
-    runs = gr.Dataframe(headers=RUN_COLUMNS, value=runs_frame(ctx), interactive=False, wrap=True,
+    runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
                         elem_id="ft-runs")
     refresh_runs = gr.Button("Refresh runs", size="sm")
     with gr.Accordion("Selected run: config and validation grids", open=False):

@@ -160,10 +160,22 @@ def run_generate(ctx: StudioContext, prompt: str, negative: str, checkpoint: str
             "seed": imgs[0].settings["request_seed"], "details": _details(imgs)}
 
 
+def _own_sidecar(ctx: StudioContext, sidecar: str) -> str:
+    """A sidecar path from the page or an API client, accepted only inside the workspace's samples folder."""
+    from medart_core.errors import ConfigError
+
+    p = Path(sidecar).resolve()
+    root = Path(ctx.ws.samples_dir).resolve()
+    if p.suffix != ".json" or root not in p.parents:
+        raise ConfigError("Pick a past image from the list (only the studio's own samples can be reused).")
+    return str(p)
+
+
 def reuse_settings(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
     """A past image's settings, to put back into the form (seed fixed, one image)."""
     if not sidecar:
         raise gr.Error("Pick a past image first.")
+    sidecar = _own_sidecar(ctx, sidecar)
     r = G.load_settings(sidecar)
     return {"prompt": r.prompts[0], "negative": r.negative, "checkpoint": r.checkpoint, "strength": r.strength,
             "steps": r.steps, "guidance": r.guidance, "seed": r.seed, "random": False, "n": 1,
@@ -174,6 +186,7 @@ def reuse_settings(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
 def run_regenerate(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
     if not sidecar:
         raise gr.Error("Pick a past image first.")
+    sidecar = _own_sidecar(ctx, sidecar)
     s = G.read_sidecar(sidecar)
     img = G.get_generator(ctx.ws, s["backbone"]).regenerate(sidecar)
     return {"gallery": _gallery([img]), "summary": _summary([img], "Regenerated"), "details": _details([img])}
@@ -190,9 +203,9 @@ def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
     ctx.ws.samples_dir.mkdir(parents=True, exist_ok=True)
     # Only generated samples are served from here (PNG paths, never re-encoded to webp).
     gr.set_static_paths([str(ctx.ws.samples_dir)])
-    tokenizer_for(ctx)
-    datasets = dataset_choices(ctx)
-    refs = checkpoint_choices(ctx)
+    # Nothing from the workspace at build time (it would reach /config for every role) and nothing slow (the
+    # studio must start fast): datasets, checkpoints, past images and the token counter come with the guarded
+    # page load below.
 
     gr.HTML(f"<style>{CSS}</style>", padding=False)
     gr.Markdown(banner(ctx))
@@ -200,18 +213,18 @@ def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt (one per line for several)", lines=3,
                                 placeholder="An endoscopic image of polyps, ...")
-            tokens = gr.HTML(token_counter(ctx, ""))
+            tokens = gr.HTML("")
             negative = gr.Textbox(label="Negative prompt", value="", placeholder='"" as in the paper')
             with gr.Accordion("Class prompts: a dataset class's approved captions", open=False):
                 with gr.Row():
-                    ds = gr.Dropdown(datasets, value=datasets[0] if datasets else None, label="Dataset")
-                    cls = gr.Dropdown(class_choices(ctx, datasets[0]) if datasets else [], label="Class")
+                    ds = gr.Dropdown([], value=None, label="Dataset", allow_custom_value=True)
+                    cls = gr.Dropdown([], label="Class", allow_custom_value=True)
                 cap = gr.Dropdown([], label="Approved caption", allow_custom_value=False)
                 cap_notice = gr.Markdown()
                 use_cap = gr.Button("Use this caption as the prompt", size="sm")
             with gr.Row():
                 # Custom values: "RUN" (its latest) and checkpoints written after the page was built.
-                ck = gr.Dropdown(refs, value=G.BASE, label="Checkpoint (base = no adapters; RUN = its latest)",
+                ck = gr.Dropdown([G.BASE], value=G.BASE, label="Checkpoint (base = no adapters; RUN = its latest)",
                                  allow_custom_value=True, scale=3)
                 ck_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
                 strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter strength (LoRA scale)", scale=3)
@@ -233,7 +246,7 @@ def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
             with gr.Accordion("Files and sidecars", open=False):
                 details = gr.JSON(label="Images")
             with gr.Row():
-                recent = gr.Dropdown(recent_choices(ctx), label="A past image", scale=4)
+                recent = gr.Dropdown([], label="A past image", scale=4, allow_custom_value=True)
                 recent_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
             with gr.Row():
                 reuse_b = gr.Button("Reuse these settings", size="sm")
@@ -293,6 +306,17 @@ def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
     cls.change(_on_class, [ds, cls], [cap, cap_notice], api_name="generate_captions")
     use_cap.click(lambda c, cur: (c or cur, token_counter(ctx, c or cur)), [cap, prompt], [prompt, tokens],
                   api_name="generate_use_caption", queue=False)
+
+    @user_errors
+    def _on_load(cur):
+        datasets = dataset_choices(ctx)
+        return (gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None),
+                gr.Dropdown(choices=checkpoint_choices(ctx), value=cur or G.BASE),
+                gr.Dropdown(choices=recent_choices(ctx)), token_counter(ctx, ""))
+
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(_on_load, ck, [ds, ck, recent, tokens], api_name="generate_load", show_progress="hidden")
 
     return {"prompt": prompt, "tokens": tokens, "negative": negative, "dataset": ds, "class": cls, "caption": cap,
             "checkpoint": ck, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,

@@ -31,7 +31,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 USERS = {"ann": "annotator", "tra": "trainer", "adm": "admin", "gone": "annotator"}
-WEAK = {"gone": None, "ann": "annotator", "tra": "trainer"}   # "gone" is removed after signing in: no role
+WEAK = {"gone": None, "ann": "annotator", "tra": "trainer"}   # "gone" is removed after signing in: session ended
 XSS_CAPTION = 'An image of polyps <script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 XSS_REVIEWER = "<img src=x onerror=alert(1)>"
 SECRET = "patient-john-doe-0042"
@@ -257,9 +257,15 @@ def test_every_endpoint_is_refused_without_a_session(live):
     assert status == 401
     with pytest.raises(Exception):
         Client(live.url, verbose=False)           # gradio_client without auth cannot even read the API
+    assert_same(before, snapshot(live.ws))
+    # A wrong password changes one thing only: the account's count of failed sign-ins (the back-off).
     with pytest.raises(Exception):
         Client(live.url, auth=("ann", "wrong password!"), verbose=False)
-    assert_same(before, snapshot(live.ws))
+    from medart_core.accounts import UserStore
+
+    users = UserStore.for_workspace(live.ws)
+    assert users.lockout("ann").failures == 1
+    users.clear_failures("ann")
     n = len(deps)
     print(f"\nanonymous: {n} endpoints ({len(info)} public, {n - len(info)} private) x 1 (no session): "
           f"{tried['raw protocol']} raw + {tried['/gradio_api/call']} /call tries, all HTTP 401")
@@ -293,7 +299,8 @@ def test_every_endpoint_is_refused_for_every_too_weak_role_with_no_side_effect(l
             res = raw_call(live.sessions[user], dep)
             tried["raw"] += 1
             by_user[user] += 1
-            if is_refusal(res):
+            # A removed user's session ended with the removal: the HTTP layer answers 401 before any handler.
+            if is_refusal(res) if role is not None else (res["status"] == 401 and not res["success"]):
                 refused["raw"] += 1
             else:
                 failures.append((dep["api_name"], user, res))
@@ -305,10 +312,15 @@ def test_every_endpoint_is_refused_for_every_too_weak_role_with_no_side_effect(l
                                                api_name="/" + dep["api_name"])
                     failures.append((dep["api_name"], user, "gradio_client call succeeded"))
                 except AppError as e:
-                    if str(e).startswith("Refused:"):
+                    if str(e).startswith("Refused:") and role is not None:
                         refused["gradio_client"] += 1
                     else:
                         failures.append((dep["api_name"], user, str(e)))
+                except Exception as e:                       # httpx.HTTPStatusError
+                    if role is None and "401" in str(e):
+                        refused["gradio_client"] += 1
+                    else:
+                        failures.append((dep["api_name"], user, repr(e)))
     after = snapshot(live.ws)
     assert not failures, failures[:10]
     assert_same(before, after)
@@ -343,7 +355,7 @@ def test_file_route_serves_only_images_a_page_shows(live):
     status, _ = get_raw(live, "/gradio_api/file=" + quote(str(p["sample"])), "tra")
     assert status == 200
     status, _ = get_raw(live, "/gradio_api/file=" + quote(str(img)), "gone")
-    assert status == 403, "a session without a role sees no image"
+    assert status == 401, "a removed user's session ended: no image"
 
     d = str(img.parent)
     targets = [str(ws.captions_db), str(ws.root / "users.sqlite"), str(ws.jobs_db)]
@@ -388,7 +400,7 @@ def test_uploads_are_limited_and_need_a_role(live):
     r = adm.post("/gradio_api/upload", files={"files": ("big.png", big, "image/png")})
     assert r.status_code == 413, (r.status_code, r.text[:200])
     r = gone.post("/gradio_api/upload", files={"files": ("a.png", b"\x89PNG", "image/png")})
-    assert r.status_code == 403
+    assert r.status_code == 401, "a removed user's session ended"
     r = adm.post("/gradio_api/upload", files={"files": ("ok.png", b"\x89PNG", "image/png")})
     assert r.status_code == 200, "control: a small upload by a user with a role"
     assert_same(before, snapshot(live.ws))
