@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                   footer_links=["api"],
                                   **serve_kwargs(ctx, max_upload_mb=args.max_upload_mb or MAX_UPLOAD_MB,
                                                  policy=policy))
+    ctx.warm_up()
     print(f"Med-Art Studio running at {local_url}  (workspace {ws.root}, backbone {ctx.backbone_label()})",
           flush=True)
     print(_sign_in_line(access), flush=True)

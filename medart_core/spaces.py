@@ -111,6 +111,16 @@ def _parse_nvidia_smi(text: str) -> tuple[GPUInfo, ...]:
     return tuple(out)
 
 
+def _nvidia_driver_possible() -> bool:
+    """False only where we know there is no NVIDIA driver (Linux without ``/proc/driver/nvidia`` or
+    ``/dev/nvidiactl``); True elsewhere, so torch is asked."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
 def _query_gpus() -> tuple[GPUInfo, ...]:
     """Device names and memory without a CUDA context: NVML if installed, else nvidia-smi; () if neither."""
     try:
@@ -192,6 +202,8 @@ def environment(workspace: str | os.PathLike | None = None) -> Environment:
     notes: list[str] = []
     if zero:
         notes.append("ZeroGPU: a GPU is attached per call")
+    elif not _nvidia_driver_possible():
+        pass                     # no NVIDIA driver: CUDA cannot be there, and importing torch costs seconds
     else:
         try:
             import torch
@@ -279,11 +291,9 @@ def offline_backbone() -> str:
 
     if "demo" in getattr(backbone, "PRESETS", {}):
         return "demo"
-    try:
-        backbone.load_backbone("demo")
-        return "demo"
-    except Exception:
-        return "tiny"
+    # The same test the loader makes before anything else (backbone._demo_dir); loading the weights here would
+    # import diffusers and cost seconds of every studio start.
+    return "demo" if (backbone.DEMO_DIR / "model_index.json").is_file() else "tiny"
 
 
 def default_backbone(env: Environment) -> str:

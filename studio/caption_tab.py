@@ -17,7 +17,6 @@ updates; what happens on each action (save before move, conflicts, next pending,
 """
 # No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation of the
 # wrappers below to inject the request.
-import threading
 from typing import Any
 
 import gradio as gr
@@ -423,9 +422,8 @@ def build_caption_tab(ctx) -> None:
     # The only thing the browser fetches from the workspace is the image being reviewed; serving the
     # datasets folder as static files avoids copying every viewed image into Gradio's cache.
     gr.set_static_paths([str(ctx.ws.datasets_dir)])
-    # The tokenizer loads in the background: building the page must not wait for it (studio start), and the
-    # first keystroke rarely comes before it is there.
-    threading.Thread(target=ctx.review.tokenizer, name="caption-tokenizer", daemon=True).start()
+    # The tokenizer is not loaded here: building the page must not wait for it. ``app.py`` warms it up once
+    # the server is serving (StudioContext.warm_up); otherwise the first token count loads it.
 
     # No workspace data in build-time values: /config and the page are the same for everyone, signed in or
     # not. The dataset list and classes come with the guarded page load; API clients may name any dataset

@@ -48,6 +48,13 @@ class StudioContext:
                 self._review = ReviewContext(self.ws, self.store, self.backbone_spec)
             return self._review
 
+    def warm_up(self) -> threading.Thread:
+        """Load what the first clicks need (the tokenizer of the token counters) in the background, once the
+        server is serving: the studio's start does not wait for it."""
+        t = threading.Thread(target=lambda: self.review.tokenizer(), name="warm-up", daemon=True)
+        t.start()
+        return t
+
     @property
     def backbone_is_random(self) -> bool:
         from medart_core.backbone import PRESETS

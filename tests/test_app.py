@@ -170,3 +170,32 @@ def test_dataset_tab_import_reports_bad_files_and_keeps_good_ones(ws, store, tmp
         assert "duplicate" in again.lower() and store.count_images("uploads") == 2
     finally:
         demo.close()
+
+
+def test_building_the_studio_imports_no_model_library():
+    """The studio serves before torch, diffusers or transformers load (they come with the first model use or
+    the warm-up after serving): building the whole app on the default backbone imports none of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tempfile\n"
+        "from medart_core.workspace import Workspace\n"
+        "from medart_core.captions import CaptionStore\n"
+        "from medart_core import spaces\n"
+        "from studio.auth import Access\n"
+        "from studio.app import build_app, configure_queue\n"
+        "from studio.context import StudioContext\n"
+        "ws = Workspace.open(tempfile.mkdtemp())\n"
+        "env = spaces.environment(ws.root)\n"
+        "ctx = StudioContext(ws=ws, store=CaptionStore.for_workspace(ws), backbone_spec=spaces.default_backbone(env),"
+        " access=Access.for_workspace(ws))\n"
+        "configure_queue(build_app(ctx))\n"
+        "print(ctx.backbone_spec, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    from medart_core.spaces import _nvidia_driver_possible
+
+    loaded = set(eval(out.stdout.split(maxsplit=1)[1]))
+    allowed = {"torch"} if _nvidia_driver_possible() else set()      # with a driver, torch is asked about CUDA
+    assert loaded <= allowed, out.stdout + out.stderr[-2000:]

@@ -48,6 +48,21 @@ def fake_cuda(monkeypatch, gpus):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
     monkeypatch.setattr(spaces, "_query_gpus", lambda: tuple(gpus))
+    monkeypatch.setattr(spaces, "_nvidia_driver_possible", lambda: True)   # a machine with the driver
+
+
+def test_no_nvidia_driver_means_no_torch_import(clean_env, tmp_path):
+    """Without an NVIDIA driver, CUDA cannot be there: environment() answers without asking torch (the studio's
+    start does not import it)."""
+    import torch
+
+    def asked():
+        raise AssertionError("torch.cuda asked although no driver is installed")
+
+    clean_env.setattr(spaces, "_nvidia_driver_possible", lambda: False)
+    clean_env.setattr(torch.cuda, "is_available", asked)
+    env = spaces.environment(tmp_path)
+    assert not env.cuda_available and not env.has_gpu
 
 
 # ------------------------------------------------------------------------------------------------
