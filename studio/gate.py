@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
+from medart_core.accounts import LOCK_AFTER, LOCK_FIRST_S, LOCK_MAX_S, Lockout
+
 from .auth import Access, is_loopback
 
 log = logging.getLogger("medart.gate")
@@ -54,6 +56,7 @@ log = logging.getLogger("medart.gate")
 LOGIN_PATHS = ("/login", "/login/")
 LOGOUT_PATHS = ("/logout", "/logout/")
 UPLOAD_SUFFIX = "/gradio_api/upload"
+HEARTBEAT_PREFIX = "/gradio_api/heartbeat"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SAMESITE = ("lax", "strict")
 ANON_BODY_BYTES = 64 * 1024                 # a sign-in form is a few hundred bytes
@@ -77,8 +80,8 @@ def _split_list(value: str | None) -> list[str]:
 def host_name(value: str | None) -> str:
     """``"Example.org:7860"`` -> ``"example.org"``; ``"[::1]:7860"`` -> ``"::1"``; "" for nonsense."""
     v = (value or "").strip()
-    if not v:
-        return ""
+    if not v or any(c in v for c in "@/#?\\ "):
+        return ""                # userinfo, paths and fragments are no part of a Host
     try:
         return (urlsplit("//" + v).hostname or "").lower()
     except ValueError:
@@ -157,14 +160,18 @@ class GatePolicy:
     def host_allowed(self, host_header: str | None) -> bool:
         return not self.enforce_hosts or host_name(host_header) in self.allowed_hosts
 
-    def origin_allowed(self, origin: str, host_header: str | None) -> bool:
-        """The server's own origin (the same host and port as the request's ``Host``) or a listed one."""
+    def origin_allowed(self, origin: str, host_header: str | None, scheme: str = "http") -> bool:
+        """The server's own origin (the request's scheme, and the same host and port as its ``Host``) or a
+        listed one. Behind a TLS proxy the scheme comes from ``X-Forwarded-Proto``: without it, list the
+        public origin (``--allowed-origin https://...``)."""
         o = origin_of(origin)
         if not o:
             return False                          # "null" (sandboxed frames, file: pages) and garbage
         if o in self.allowed_origins:
             return True
-        scheme, netloc = o.split("://", 1)
+        scheme_o, netloc = o.split("://", 1)
+        if scheme_o != scheme:
+            return False                          # http://host is not https://host's origin
         default = {"http": 80, "https": 443}.get(scheme)
         mine, theirs = _host_port(host_header or "", default), _host_port(netloc, default)
         return mine[0] != "" and mine == theirs and self.host_allowed(host_header)
@@ -297,6 +304,33 @@ class ClientThrottle:
             return len(q)
 
 
+class UnknownNames:
+    """Failed sign-ins under names that are no account, counted and locked as accounts are (in memory,
+    bounded): a locked answer must not tell that a name exists."""
+
+    MAX_NAMES = 10_000
+
+    def __init__(self) -> None:
+        self._f: dict[str, Lockout] = {}
+        self._lock = threading.Lock()
+
+    def lockout(self, name: str) -> Lockout | None:
+        with self._lock:
+            return self._f.get(name.strip().lower())
+
+    def record_failure(self, name: str, now: float | None = None) -> Lockout:
+        now = time.time() if now is None else now
+        key = name.strip().lower()
+        with self._lock:
+            if len(self._f) >= self.MAX_NAMES and key not in self._f:
+                self._f.pop(next(iter(self._f)))
+            failures = (self._f[key].failures if key in self._f else 0) + 1
+            over = failures - LOCK_AFTER
+            until = now + min(LOCK_MAX_S, LOCK_FIRST_S * 2 ** over) if over >= 0 else 0.0
+            self._f[key] = Lockout(key, failures, until, now)
+            return self._f[key]
+
+
 class UploadQuota:
     """Bytes each signed-in user uploaded in the last hour (in memory): one account cannot fill the disk."""
 
@@ -408,6 +442,7 @@ class Gate:
         self.sessions = sessions
         self.throttle = throttle or ClientThrottle(policy)
         self.quota = UploadQuota(policy)
+        self.unknown = UnknownNames()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         kind = scope.get("type")
@@ -434,7 +469,13 @@ class Gate:
         if password and path in LOGOUT_PATHS:
             await self._logout(scope, h, send, user)
             return
+        if "transfer-encoding" in h and "content-length" in h:
+            await _respond(send, 400, "Send either Content-Length or Transfer-Encoding, not both.")
+            return
         upload = path.rstrip("/").endswith(UPLOAD_SUFFIX)
+        if password and not user and path.startswith(HEARTBEAT_PREFIX):
+            await _respond(send, 401, "Not authenticated: sign in first.")   # it can close others' events
+            return
         limit = self.policy.body_bytes if user else self.policy.anon_body_bytes
         length = h.get("content-length")
         if length is not None and (not length.isdigit() or (int(length) > limit and not (upload and user))):
@@ -476,7 +517,8 @@ class Gate:
             return 421, ("Host not allowed: this studio answers only to its own address. Operators: add the name "
                          f"with --allowed-host or {ENV_HOSTS}.")
         origin = h.get("origin")
-        if origin is not None and not self.policy.origin_allowed(origin, host):
+        scheme = "https" if _is_https(scope, h) else "http"
+        if origin is not None and not self.policy.origin_allowed(origin, host, scheme):
             return 403, ("Cross-origin request refused. Operators: allow an origin with --allowed-origin or "
                          f"{ENV_ORIGINS}.")
         if (h.get("sec-fetch-site") == "cross-site" and scope.get("method", "GET") not in SAFE_METHODS):
@@ -485,7 +527,13 @@ class Gate:
 
     def _session_user(self, scope: dict, h: dict[str, str]) -> str | None:
         """The signed-in user of this request after the session rules (password mode); the OAuth user on a
-        Space; None when signed out. An invalid password-mode token is removed from Gradio's table here."""
+        Space; None when signed out.
+
+        Every session cookie of every ``Cookie`` header is checked (an invalid token is removed from Gradio's
+        table), and the request's headers are rewritten to carry at most the one valid token: Gradio and the
+        file route parse cookies their own way (the last of a repeated name wins there), so a stale token
+        smuggled beside a valid one, or in a second header, must never reach them. Two valid tokens of
+        different users: signed out."""
         if self.access.mode == "oauth":
             from .auth import _scope_user
 
@@ -497,12 +545,30 @@ class Gate:
         if tokens is None:
             return None
         cookie_id = getattr(app, "cookie_id", "")
-        jar = _cookies(h.get("cookie", ""))
-        user = None
-        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-            token = jar.get(name)
-            if token:
-                user = self.sessions.valid_user(tokens, token) or user
+        names = (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}")
+        kept_parts: list[str] = []
+        found: list[tuple[str, str]] = []
+        for k, v in scope.get("headers") or []:
+            if k.lower() != b"cookie":
+                continue
+            for part in v.decode("latin-1").split(";"):
+                name, sep, value = part.strip().partition("=")
+                if sep and name in names:
+                    found.append((name, value.strip().strip('"')))
+                elif part.strip():
+                    kept_parts.append(part.strip())
+        if not found:
+            return None
+        valid = {(n, t): self.sessions.valid_user(tokens, t) for n, t in dict.fromkeys(found)}
+        users = {u for u in valid.values() if u}
+        user = users.pop() if len(users) == 1 else None
+        if user:
+            name, token = next((n, t) for (n, t), u in valid.items() if u == user)
+            kept_parts.append(f"{name}={token}")
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"cookie"]
+        if kept_parts:
+            headers.append((b"cookie", "; ".join(kept_parts).encode("latin-1")))
+        scope["headers"] = headers
         return user
 
     def _is_page(self, scope: dict, path: str) -> bool:
@@ -535,23 +601,25 @@ class Gate:
             return
         users = self.access.users
         canonical = users.canonical(typed) if users is not None else None
-        lock = users.lockout(canonical) if canonical else None
+        lock = users.lockout(canonical) if canonical else self.unknown.lockout(typed)
         if lock is not None and lock.locked():
-            log.warning("sign-in refused for %s from %s: account locked after %d failures (until %s)", canonical,
-                        client, lock.failures, time.strftime("%H:%M:%SZ", time.gmtime(lock.locked_until)))
-            await _json(send, 400, {"detail": f"This account is locked after {lock.failures} failed sign-ins: try "
-                                              f"again in {int(lock.locked_until - time.time()) + 1} s, or ask an "
-                                              f"admin (python -m medart_core users unlock {canonical})."})
+            log.warning("sign-in refused for %r from %s: %s locked after %d failures (until %s)", typed, client,
+                        "account" if canonical else "unknown name", lock.failures,
+                        time.strftime("%H:%M:%SZ", time.gmtime(lock.locked_until)))
+            # The same words for unknown names (they lock the same way): the answer tells no name exists.
+            await _json(send, 400, {"detail": f"Too many failed sign-ins for this name: try again in "
+                                              f"{int(lock.locked_until - time.time()) + 1} s, or ask an admin to "
+                                              "unlock it (Users tab, or python -m medart_core users unlock NAME)."})
             return
         ok = await anyio.to_thread.run_sync(self.access.authenticate, canonical or typed, password,
                                             limiter=_bcrypt_limiter())
         if not ok:
             n_client = self.throttle.fail(client)
             lk = await anyio.to_thread.run_sync(users.record_failure, typed) if users is not None and canonical \
-                else None
+                else self.unknown.record_failure(typed)
             log.warning("sign-in failed for %r from %s (%s; %d from this address in %d s)", typed, client,
-                        f"{lk.failures} in a row" + (", account now locked" if lk.locked() else "") if lk
-                        else "no such account", n_client, int(self.policy.client_window_s))
+                        ("" if canonical else "no such account, ") + f"{lk.failures} in a row" +
+                        (", now locked" if lk.locked() else ""), n_client, int(self.policy.client_window_s))
             await _json(send, 400, {"detail": "Incorrect credentials."})
             return
         u = users.get(canonical)
@@ -587,15 +655,6 @@ class Gate:
         for name in (f"access-token-{app.cookie_id}", f"access-token-unsecure-{app.cookie_id}"):
             expired.append((b"set-cookie", f"{name}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax".encode()))
         await _respond(send, 302, "", headers=[(b"location", b"./"), *expired])
-
-
-def _cookies(header: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in header.split(";"):
-        k, sep, v = part.strip().partition("=")
-        if sep and k and k not in out:
-            out[k] = v.strip().strip('"')
-    return out
 
 
 def _strip_api_info(send: Any) -> Any:

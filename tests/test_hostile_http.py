@@ -125,10 +125,12 @@ def _join(h: Any, dep: dict, **headers: str) -> Any:
 def test_a_foreign_origin_cannot_read_the_token_nor_drive_the_queue(srv):
     adm = srv.sessions["adm"]
     tried = 0
-    for origin in (EVIL, "null", f"http://{HOST}.evil.example", f"https://{HOST}:8443", "http://127.0.0.1:1"):
+    # (the server speaks plain http here: https://HOST is another origin unless a proxy says X-Forwarded-Proto)
+    for origin in (EVIL, "null", f"http://{HOST}.evil.example", f"http://{HOST}:8443", "http://127.0.0.1:1",
+                   f"https://{HOST}"):
         r = adm.get("/gradio_api/token", headers={"Host": HOST, "Origin": origin})
         assert r.status_code == 403, (origin, r.status_code, r.text[:200])
-        assert "token" not in r.text, origin
+        assert '"token"' not in r.text, origin
         for path in ("/config", "/gradio_api/info", "/"):
             r = adm.get(path, headers={"Host": HOST, "Origin": origin})
             assert r.status_code == 403 and DATASET not in r.text, (origin, path)
@@ -140,9 +142,11 @@ def test_a_foreign_origin_cannot_read_the_token_nor_drive_the_queue(srv):
     r = _join(adm, _users_add_dep(srv), Host=HOST, **{"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403
     # Controls: the server's own origin under its host name, and the operator's portal, still work.
-    for origin in (f"https://{HOST}", PORTAL):
-        r = adm.get("/gradio_api/token", headers={"Host": HOST, "Origin": origin})
+    for origin, proto in ((f"http://{HOST}", "http"), (f"https://{HOST}", "https"), (PORTAL, "http")):
+        r = adm.get("/gradio_api/token", headers={"Host": HOST, "Origin": origin, "X-Forwarded-Proto": proto})
         assert r.status_code == 200, (origin, r.text[:200])
+    r = adm.get("/gradio_api/token", headers={"Host": HOST, "Origin": f"http://{HOST}", "X-Forwarded-Proto": "https"})
+    assert r.status_code == 403, "a plain-http page is not the https studio's origin"
     r = adm.get("/config", headers={"Origin": srv.url})
     assert r.status_code == 200
     print(f"\norigins: {tried} foreign-origin requests (token, /config, /gradio_api/info, page, queue/join) "
@@ -241,7 +245,7 @@ def test_wrong_passwords_lock_the_account_are_logged_and_shown_to_admins(srv, ca
         r = h.post("/login", data={"username": "victim", "password": f"guess-{i}-long-enough"})
         assert r.status_code == 400
     r = h.post("/login", data={"username": "victim", "password": pw("victim")})
-    assert r.status_code == 400 and "locked" in r.json()["detail"], "the right password after 5 wrong ones"
+    assert r.status_code == 400 and "Too many failed sign-ins" in r.json()["detail"], "right password, 5 wrong before"
     fails = [m for m in caplog.messages if "sign-in failed for 'victim'" in m]
     assert len(fails) == LOCK_AFTER and "now locked" in fails[-1], caplog.messages
     assert any("account locked" in m for m in caplog.messages)
@@ -545,3 +549,85 @@ def test_each_user_has_an_upload_quota(srv):
     assert codes[:2] == [200, 200] and codes[2] == 429, codes
     r = srv.sessions["adm"].post("/gradio_api/upload", files={"files": ("other.png", b"\x89PNG")})
     assert r.status_code == 200, "the quota is per user"
+
+
+def test_a_stale_token_smuggled_beside_a_valid_one_is_worth_nothing(srv):
+    """A token that ended (here: its user's password changed) must not work next to a valid session cookie,
+    in a second Cookie header, or behind a garbage value of the same name: Gradio and the file route read
+    cookies their own way (the last of a name wins), so the gate passes on only the token it validated."""
+    import http.client
+
+    srv.users.add("stale", "trainer", pw("stale"))
+    old = srv.sign_in("stale")
+    name, stale = next((k, v) for k, v in old.cookies.items() if k.startswith("access-token"))
+    srv.users.set_password("stale", "changed-password-1")
+    sample = srv.ws.samples_dir / "base" / "000.png"
+    sample.parent.mkdir(parents=True, exist_ok=True)
+    sample.write_bytes(_png())
+    ann = srv.sign_in("ann")
+    valid = next(v for k, v in ann.cookies.items() if k == name)
+    cookie_sets = [[f"{name}={valid}; {name}={stale}"], [f"{name}={valid}", f"{name}={stale}"],
+                   [f"{name}=garbage; {name}={stale}"], [f"{name}={stale}"]]
+    for cookies in cookie_sets:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            conn.putrequest("GET", "/gradio_api/file=" + quote(str(sample)))
+            for c in cookies:
+                conn.putheader("Cookie", c)
+            conn.endheaders()
+            r = conn.getresponse()
+            r.read()
+            assert r.status in (401, 403), (cookies, r.status)     # ann may not see samples; stale is dead
+        finally:
+            conn.close()
+    dep = _users_add_dep(srv)
+    h = srv.client()
+    r = h.post("/gradio_api/queue/join", headers={"Cookie": f"{name}={valid}; {name}={stale}"},
+               json={"data": ["mallory2", "admin", "mallory-password-long"], "fn_index": dep["id"],
+                     "session_hash": "smuggle1", "event_data": None, "trigger_id": None})
+    assert r.status_code == 200
+    with h.stream("GET", "/gradio_api/queue/data", params={"session_hash": "smuggle1"},
+                  headers={"Cookie": f"{name}={valid}; {name}={stale}"}) as st:
+        for line in st.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                break
+    assert srv.users.get("mallory2") is None, "the stale token acted"
+    assert stale not in srv.ctx.gate.sessions._s
+
+
+def test_both_framings_at_once_are_refused(srv):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+                     b"Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=x\r\n\r\n" + body)
+        first = sock.recv(200)
+    assert first.startswith(b"HTTP/1.1 400"), first
+
+
+def test_unknown_names_lock_like_accounts(srv):
+    from medart_core.accounts import LOCK_AFTER
+
+    answers = {}
+    for name in ("ann", "nosuchperson"):
+        h = srv.client()
+        for i in range(LOCK_AFTER):
+            h.post("/login", data={"username": name, "password": f"wrong-{i}-long-enough"})
+        answers[name] = h.post("/login", data={"username": name, "password": "still-wrong-x"}).json()["detail"]
+        srv.ctx.gate.throttle._fails.clear()
+    srv.users.clear_failures("ann")
+    strip = __import__("re").compile(r"\d+ s")
+    assert strip.sub("N s", answers["ann"]) == strip.sub("N s", answers["nosuchperson"]), answers
+    assert "ann" not in answers["ann"]
+
+
+def test_signed_out_heartbeats_and_odd_hosts_are_refused(srv):
+    anon = srv.client()
+    assert anon.get("/gradio_api/heartbeat/abc123").status_code == 401
+    from studio.gate import host_name
+
+    assert host_name("evil@studio.example.org") == "" and host_name("127.0.0.1:1#x") == ""
+    assert host_name("Studio.Example.org:8443") == "studio.example.org" and host_name("[::1]:7860") == "::1"
+    r = anon.get("/config", headers={"Host": f"evil@{HOST}"})
+    assert r.status_code == 421
