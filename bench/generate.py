@@ -17,7 +17,17 @@
     resident (it is in the studio), and the figure with its one load counted is printed too.
 Equality: max |stock − ours| over every [0, 1] image of (a) and (b); must be <= 1e-4.
 
-    python bench/generate.py [--threads 1] [--repeats 3] [--steps 20]
+bf16 (``--precision bf16`` of the library): (a) and (b) are also run with ours in bf16 (frozen weights bf16, every
+DiT/T5/VAE forward under bf16 autocast, the DPM-Solver++ state fp32) and with the stock pipeline in bf16
+(``torch_dtype=torch.bfloat16``), interleaved with the fp32 runs. ``single_ratio_bf16`` / ``grid_ratio_bf16``
+are stock fp32 over ours bf16; ``*_vs_stock_bf16`` stock bf16 over ours bf16; ``bf16_max_abs_diff`` is the largest
+|ours fp32 − ours bf16| over the [0, 1] images from the same seeds.
+(c) quality, on the demo backbone (64 px, trained on the sample images): ``--fd-per-class`` images per class
+from each class's caption in fp32 with seeds A, in bf16 with seeds A, and in fp32 with seeds B; the domain FD
+(``evaluate.domain_extractor``) between fp32-A and bf16-A must lie within the seed-to-seed spread, the FD between
+fp32-A and fp32-B (``fd_bf16_within_seed_spread``).
+
+    python bench/generate.py [--threads 1] [--repeats 3] [--steps 20] [--fd-per-class 16]
 
 The last line printed is one JSON object.
 """
@@ -99,6 +109,60 @@ def make_checkpoints(ws, n: int) -> list[tuple[str, Path]]:
     return out
 
 
+def fd_check(per_class: int, steps: int, guidance: float) -> dict:
+    """(c): domain FD fp32-vs-bf16 (same seeds) against fp32-vs-fp32 (other seeds) on the demo backbone."""
+    import torch
+
+    from medart_core.captions import CaptionStore
+    from medart_core.data import build_sample_dataset
+    from medart_core.evaluate import domain_extractor
+    from medart_core.extractors import images_to_uint8
+    from medart_core.generate import Generator
+    from medart_core.metrics import frechet_distance
+    from medart_core.pixart import to_pil
+    from medart_core.seeds import derive_seed
+
+    with tempfile.TemporaryDirectory(prefix="medart-bench-fd-") as root:
+        from medart_core.workspace import Workspace
+
+        ws = Workspace.open(root)
+        store = CaptionStore.for_workspace(ws)
+        build_sample_dataset(ws, store, "sample")
+        text = {st.image_id: st.text for st in store.states("sample")}
+        recs = sorted(store.list_images("sample"), key=lambda r: r.id)
+        captions = {}
+        for r in recs:
+            captions.setdefault(r.label, text[r.id])
+        t0 = time.perf_counter()
+        ex = domain_extractor(ws, store, "sample", size=64, seed=0)
+        clf_s = time.perf_counter() - t0
+        prompts = [captions[lab] for lab in ex.classes for _ in range(per_class)]
+        seeds_a = [derive_seed("bench-gen-bf16-a", lab, i, bits=31) for lab in ex.classes for i in range(per_class)]
+        seeds_b = [derive_seed("bench-gen-bf16-b", lab, i, bits=31) for lab in ex.classes for i in range(per_class)]
+        gens = {p: Generator(ws, "demo", precision=p) for p in ("fp32", "bf16")}
+
+        def images(prec: str, seeds: list[int]) -> tuple[torch.Tensor, float]:
+            t = time.perf_counter()
+            out = []
+            for j in range(0, len(prompts), 16):
+                out.append(gens[prec].sample(prompts[j:j + 16], seeds[j:j + 16], steps=steps, guidance=guidance))
+            x = torch.cat(out)
+            return x, time.perf_counter() - t
+
+        a32, t32 = images("fp32", seeds_a)
+        a16, t16 = images("bf16", seeds_a)
+        b32, _ = images("fp32", seeds_b)
+        feats = {k: ex.features(images_to_uint8(to_pil(v), 64)) for k, v in (("a32", a32), ("a16", a16), ("b32", b32))}
+    fd_prec = frechet_distance(feats["a32"], feats["a16"])
+    fd_seed = frechet_distance(feats["a32"], feats["b32"])
+    return {"fd_fp32_vs_bf16_same_seeds": round(fd_prec, 3), "fd_fp32_seed_a_vs_seed_b": round(fd_seed, 3),
+            "fd_bf16_within_seed_spread": fd_prec <= fd_seed,
+            "demo_max_abs_diff_01": float(f"{float(((a32 - a16).abs() / 2).max()):.3g}"),
+            "demo_mean_abs_diff_01": float(f"{float(((a32 - a16).abs() / 2).mean()):.3g}"),
+            "demo_generate_s": {"fp32": round(t32, 2), "bf16": round(t16, 2)},
+            "fd_images_per_set": len(prompts), "domain_classifier_s": round(clf_s, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1,
@@ -106,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--fd-per-class", type=int, default=16, help="(c) images per class and set (0: skip (c))")
     args = ap.parse_args(argv)
 
     import torch
@@ -129,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats {args.repeats}, load average {load0:.2f} on {os.cpu_count()} cores")
     tmp = tempfile.TemporaryDirectory(prefix="medart-bench-gen-")
     ws = Workspace.open(Path(tmp.name) / "ws")
-    gen = Generator(ws, "small")
+    gen = Generator(ws, "small", precision="fp32")
+    gen16 = Generator(ws, "small", precision="bf16")
     bb = gen.backbone
     res = bb.resolution
     n_tok = [int(bb.tokenizer(p.lower(), return_tensors="pt").input_ids.shape[1]) for p in PROMPTS]
@@ -146,28 +212,44 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = bb.pipeline()
     pipe.set_progress_bar_config(disable=True)
+    pipe16 = gen16.backbone.pipeline()          # the stock pipeline over the same components in bf16
+    pipe16.set_progress_bar_config(disable=True)
 
     def stock_single():
         return stock_call(pipe, PROMPTS, gens(SEEDS), args.steps, args.guidance, res)
 
+    def stock16_single():
+        return stock_call(pipe16, PROMPTS, gens(SEEDS), args.steps, args.guidance, res).float()
+
+    def ours16_single():
+        gen16.clear_cache()
+        return (gen16.sample(PROMPTS, SEEDS, steps=args.steps, guidance=args.guidance) / 2 + 0.5).clamp(0, 1)
+
     # ---- (a) single batch ---------------------------------------------------------------------------
     say("(a) single: warm-up")
-    diffs = [float((stock_single() - ours_single()).abs().max())]
-    times: dict[str, list[float]] = {"stock": [], "ours": []}
-    cpu: dict[str, list[float]] = {"stock": [], "ours": []}
+    first_ours = ours_single()
+    diffs = [float((stock_single() - first_ours).abs().max())]
+    bf16_diffs = [float((ours16_single() - first_ours).abs().max())]
+    stock16_single()
+    variants = [("stock", stock_single), ("ours", ours_single), ("stock_bf16", stock16_single),
+                ("ours_bf16", ours16_single)]
+    times: dict[str, list[float]] = {k: [] for k, _ in variants}
+    cpu: dict[str, list[float]] = {k: [] for k, _ in variants}
     for r in range(args.repeats):
-        for name, fn in (("stock", stock_single), ("ours", ours_single)) if r % 2 == 0 else \
-                (("ours", ours_single), ("stock", stock_single)):
+        for name, fn in (variants if r % 2 == 0 else variants[::-1]):
             with Clock() as c:
                 fn()
             times[name].append(c.wall)
             cpu[name].append(c.cpu)
-        say(f"  repeat {r + 1}: stock {times['stock'][-1]:.2f} s (cpu {cpu['stock'][-1]:.2f}), "
-            f"ours {times['ours'][-1]:.2f} s (cpu {cpu['ours'][-1]:.2f})")
-    single_stock, single_ours = statistics.median(times["stock"]), statistics.median(times["ours"])
+        say(f"  repeat {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f} s (cpu {cpu[k][-1]:.2f})" for k, _ in variants))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    single_stock, single_ours = med["stock"], med["ours"]
     single_cpu = statistics.median(cpu["stock"]) / statistics.median(cpu["ours"])
     say(f"(a) median stock {single_stock:.2f} s, ours {single_ours:.2f} s -> {single_stock / single_ours:.2f}x "
         f"(cpu time {single_cpu:.2f}x); max|diff| {diffs[0]:.2e}")
+    say(f"(a) bf16: ours {med['ours_bf16']:.2f} s -> {single_stock / med['ours_bf16']:.2f}x stock fp32, "
+        f"{med['stock_bf16'] / med['ours_bf16']:.2f}x stock bf16 ({med['stock_bf16']:.2f} s); "
+        f"max|ours fp32 - ours bf16| {bf16_diffs[0]:.3g}")
 
     # ---- (b) grid over checkpoints ----------------------------------------------------------------------
     say(f"(b) grid: writing {CHECKPOINTS} checkpoints with seeded random LoRA (rank 8, DiT + T5) and their merged "
@@ -178,7 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     PixArtAlphaPipeline.from_pretrained(str(cks[0][1]))       # warm the page cache (untimed)
 
     stock_load, stock_gen, ours_swap, ours_gen = [], [], [], []
+    grid16 = {"stock_bf16": [], "ours_bf16": []}
     for k, (ref, folder) in enumerate(cks):
+        def stock16_part():
+            with Clock() as c:
+                p2 = PixArtAlphaPipeline.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
+                p2.set_progress_bar_config(disable=True)
+                imgs = stock_call(p2, PROMPTS, gens(grid_seeds), args.steps, args.guidance, res,
+                                  num_images_per_prompt=len(SEEDS)).float()
+            grid16["stock_bf16"].append(c)
+            return imgs
+
+        def ours16_part():
+            with Clock() as c:
+                gen16.use(ref)
+                imgs = gen16.sample(grid_prompts, grid_seeds, steps=args.steps, guidance=args.guidance)
+            grid16["ours_bf16"].append(c)
+            return (imgs / 2 + 0.5).clamp(0, 1)
+
         def stock_part():
             with Clock() as c_load:
                 p2 = PixArtAlphaPipeline.from_pretrained(str(folder))
@@ -201,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if k % 2 == 0:      # alternate who goes first, so load drift hits both alike
             ref_imgs, ours = stock_part(), ours_part()
+            ours16, _ = ours16_part(), stock16_part()
         else:
+            _, ours16 = stock16_part(), ours16_part()
             ours, ref_imgs = ours_part(), stock_part()
         diffs.append(float((ref_imgs - ours).abs().max()))
+        bf16_diffs.append(float((ours16 - ours).abs().max()))
         say(f"  {ref}: stock load {stock_load[-1].wall:.2f} s + 16 images {stock_gen[-1].wall:.2f} s "
             f"(cpu {stock_load[-1].cpu + stock_gen[-1].cpu:.2f}) | ours swap {ours_swap[-1].wall:.2f} s + 16 images "
             f"{ours_gen[-1].wall:.2f} s (cpu {ours_swap[-1].cpu + ours_gen[-1].cpu:.2f}); max|diff| {diffs[-1]:.2e}")
@@ -217,8 +319,26 @@ def main(argv: list[str] | None = None) -> int:
         f"{grid_cpu:.2f}x; {grid_stock / (grid_ours + base_load):.2f}x counting ours' one base load of "
         f"{base_load:.2f} s)")
 
+    g16 = {k: sum(c.wall for c in v) for k, v in grid16.items()}
+    say(f"(b) bf16: ours {g16['ours_bf16']:.2f} s -> {grid_stock / g16['ours_bf16']:.2f}x stock fp32, "
+        f"{g16['stock_bf16'] / g16['ours_bf16']:.2f}x stock bf16 ({g16['stock_bf16']:.2f} s)")
+    fd = {}
+    if args.fd_per_class > 0:
+        say(f"(c) quality: demo backbone, {args.fd_per_class} images per class per set")
+        fd = fd_check(args.fd_per_class, args.steps, args.guidance)
+        say(f"(c) domain FD fp32-A vs bf16-A {fd['fd_fp32_vs_bf16_same_seeds']}, fp32-A vs fp32-B "
+            f"{fd['fd_fp32_seed_a_vs_seed_b']} -> within the seed spread: {fd['fd_bf16_within_seed_spread']}")
+
     max_diff = max(diffs)
     out = {
+        "single_ratio_bf16": round(single_stock / med["ours_bf16"], 3),
+        "grid_ratio_bf16": round(grid_stock / g16["ours_bf16"], 3),
+        "single_ratio_bf16_vs_stock_bf16": round(med["stock_bf16"] / med["ours_bf16"], 3),
+        "grid_ratio_bf16_vs_stock_bf16": round(g16["stock_bf16"] / g16["ours_bf16"], 3),
+        "bf16_max_abs_diff": float(f"{max(bf16_diffs):.3g}"),
+        **fd,
+        "single_bf16_s": {k: round(med[k], 3) for k in ("stock_bf16", "ours_bf16")},
+        "grid_bf16_s": {k: round(v, 3) for k, v in g16.items()},
         "single_ratio": round(single_stock / single_ours, 3),
         "grid_ratio": round(grid_stock / grid_ours, 3),
         "max_abs_diff": float(f"{max_diff:.3g}"),

@@ -15,6 +15,10 @@ and measures, with bf16 frozen weights and fp32 LoRA (rank 8 on the DiT and on T
                checkpointing. T5's reload is timed once (``--t5-reload once``) or every step (``every``).
     full       ours: ``hldf.pixel_loss``, gradients through all M steps + VAE decoder + T5, checkpointing
     truncated  ours with ``grad_path="truncated"``, K=2
+    full_auto, truncated_auto  ours as ``train --precision auto --hldf.checkpointing auto`` runs them: the
+               forward passes under ``precision.autocast`` of the resolved precision (bf16 on a bf16 GPU) and
+               checkpointing on or off as ``estimate.choose_checkpointing`` decides against the free memory
+               (the choice and its reason are in ``pixel_step.auto_choices``)
   latent step: images/s at batch 4 and 1, ours with cached T5 embeddings + VAE posteriors vs the
     reference's work per step (T5 with LoRA + VAE encoder every step), both with an AdamW step
   generation: s/image, ``pixart.sample_latents`` (no grad) + ``decode`` vs stock ``PixArtAlphaPipeline``
@@ -373,6 +377,7 @@ class Check:
         self.results: dict[str, Any] = {}
         self.simulate_oom = {v for v in (args.simulate_oom or "").split(",") if v}
         self.grads: dict[str, Any] = {}
+        self.auto_choices: dict[str, dict[str, Any]] = {}   # grad path -> the checkpointing: auto decision
 
     # -- bookkeeping --
     def log(self, msg: str) -> None:
@@ -461,18 +466,61 @@ class Check:
             m.zero_grad(set_to_none=True)
 
     # -- pixel steps --
-    def pixel_ours(self, grad_path: str) -> dict[str, Any]:
+    def pixel_ours(self, grad_path: str, *, auto: bool = False) -> dict[str, Any]:
         from medart_core.hldf import HLDFConfig, pixel_loss
         from medart_core.pixart import encode_prompts, tokenize_prompts
+        from medart_core.precision import autocast
 
-        self._maybe_oom(grad_path)
+        variant = grad_path + ("_auto" if auto else "")
+        self._maybe_oom(variant)
+        ckpt, precision = (self.auto_choice(grad_path)["checkpointing"] == "on", self.auto_precision[0]) \
+            if auto else (True, "fp32")
         cfg = HLDFConfig(sample_steps=self.args.steps, guidance=GUIDANCE, grad_path=grad_path,
-                         truncated_k=TRUNCATED_K, checkpointing=True, negative_prompt="")
-        ids, mask = tokenize_prompts(self.bb.tokenizer, [PROMPT])
-        emb, m = encode_prompts(self.bb, ids, mask)
-        loss = pixel_loss(self.bb, emb.to(self.dtype), m, self.real, cfg, generator=None, noise=self.noise)
+                         truncated_k=TRUNCATED_K, checkpointing=ckpt, negative_prompt="")
+        with autocast(precision, self.device):
+            ids, mask = tokenize_prompts(self.bb.tokenizer, [PROMPT])
+            emb, m = encode_prompts(self.bb, ids, mask)
+            loss = pixel_loss(self.bb, emb.to(self.dtype), m, self.real, cfg, generator=None, noise=self.noise)
         loss.backward()
         return {"loss": float(loss.detach())}
+
+    @property
+    def auto_precision(self) -> tuple[str, str]:
+        from medart_core.precision import resolve_precision
+
+        return resolve_precision("auto", self.device)
+
+    def auto_choice(self, grad_path: str) -> dict[str, Any]:
+        """``hldf.checkpointing: auto`` for this size and grad path, decided as a training run decides it (the
+        estimate's un-checkpointed peak against the memory free now, weights already resident here, so the
+        budget is free memory plus what the resident weights take)."""
+        if grad_path in self.auto_choices:
+            return self.auto_choices[grad_path]
+        from medart_core.estimate import BackboneShape, available_memory, choose_checkpointing, cpu_device, gpu_device
+        from medart_core.train_config import TrainConfig
+
+        z = self.sizes
+        shape = BackboneShape(label=z.name, native_resolution=z.resolution, dit_layers=z.dit_layers,
+                              dit_hidden=z.dit_heads * z.dit_head_dim, patch=2, t5_layers=z.t5_layers,
+                              t5_d_model=z.t5_d_model, t5_inner=z.t5_heads * z.t5_d_kv, t5_d_ff=z.t5_d_ff,
+                              t5_vocab=z.t5_vocab or 1000, vae_channels=tuple(z.vae_channels), source="gpu_check sizes")
+        cfg = TrainConfig.from_dict({"backbone": z.name, "resolution": z.resolution, "batch_size": 1,
+                                     "precision": "auto", "lora": {"rank": LORA_RANK, "t5_enabled": True},
+                                     "hldf": {"sample_steps": self.args.steps, "grad_path": grad_path,
+                                              "truncated_k": TRUNCATED_K, "checkpointing": "auto"}})
+        torch = self.torch
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            dev = gpu_device(props.name, props.total_memory)
+        else:
+            dev = cpu_device(torch.get_num_threads())
+        free, source = available_memory(self.device.type)
+        resident = Meter(self.device).current() if self.device.type == "cuda" else 0
+        choice = choose_checkpointing(cfg, dev, budget_bytes=free + resident, shape=shape).to_dict()
+        choice["budget_source"] = source + (" + resident weights" if resident else "")
+        self.auto_choices[grad_path] = choice
+        self.log(f"  checkpointing auto ({grad_path}): {choice['reason']}")
+        return choice
 
     def _reload(self, parts: list[str]) -> dict[str, Any]:
         from diffusers import AutoencoderKL, PixArtTransformer2DModel
@@ -520,7 +568,11 @@ class Check:
         pixel = self.results.setdefault("pixel_step", {})
         runs = 1 + self.args.repeats
         plan = [("truncated", lambda: self.pixel_ours("truncated")), ("full", lambda: self.pixel_ours("full")),
+                ("truncated_auto", lambda: self.pixel_ours("truncated", auto=True)),
+                ("full_auto", lambda: self.pixel_ours("full", auto=True)),
                 ("ref", self.pixel_ref)]  # ours first: an OOM in ref must not fragment the heap they run on
+        pixel["auto_precision"] = dict(zip(("precision", "reason"), self.auto_precision))
+        pixel["auto_choices"] = self.auto_choices
         for name, fn in plan:
             if not self.has_time(self.args.section_min_s, f"pixel step {name}"):
                 pixel[name] = {"status": "skipped (time budget)", "time_s": None, "peak_gb": None}
@@ -542,6 +594,9 @@ class Check:
             pixel["grad_max_rel_diff_full_vs_ref"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
             pixel["grad_cosine_full_vs_ref"] = float(self.torch.nn.functional.cosine_similarity(a, b, dim=0))
         self.grads.clear()
+        for v in ("full", "truncated", "full_auto", "truncated_auto"):
+            if ref.get("time_s") and (pixel.get(v) or {}).get("time_s"):
+                pixel[f"time_ratio_ref_over_{v}"] = ref["time_s"] / pixel[v]["time_s"]
 
     def run_t5_reload_once(self) -> None:
         if self.args.t5_reload != "once" or not self.has_time(self.args.section_min_s, "T5 reload"):

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # HLDF at PixArt-XL-2-512 size on one H100/H200, reference approach vs ours, in under 8 minutes, offline.
+# Pixel steps: ref, ours full/truncated (bf16 weights, checkpointing on), and ours full_auto/truncated_auto as
+# `train --precision auto --hldf.checkpointing auto` runs them (autocast + the memory-estimate checkpointing choice).
 # Run from anywhere; it cds to the repository root. Extra arguments go to bench/gpu_check.py, e.g.
 #     bash bench/gpu_check.sh                       # the full check (random weights, nothing downloaded)
 #     bash bench/gpu_check.sh --t5-reload every     # also reload T5 from disk in every reference step

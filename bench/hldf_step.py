@@ -9,6 +9,11 @@ Variants (same LoRA weights, prompt, initial noise, M, CFG 4.5, negative prompt 
   full       ours: `hldf.pixel_loss`, gradients through all M steps + VAE decoder + T5, checkpointing on.
   truncated  ours with grad_path="truncated", K=2.
   full_nockpt  ours, full path without checkpointing (same graph as ref, without the reloads).
+  auto       ours full with ``checkpointing: auto``: the run's rule (estimate.choose_checkpointing against the
+             RAM free now) picks on or off; the choice and its reason are printed.
+  truncated_bf16  ours truncated K=2 with ``precision: bf16`` (frozen weights bf16, forward passes under
+             bf16 autocast; LoRA, losses and the solver fp32).
+  auto_bf16  ours full, checkpointing auto, bf16: what ``--precision auto`` gives on an AVX512-BF16 CPU.
 
 Each variant lives in its own subprocess and the parent asks them for steps in turn (round-robin, so
 load drift on a shared machine hits all variants alike); the best time per variant is reported. Peak memory is the largest resident-set size sampled every 2 ms
@@ -34,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "An endoscopic image of a polyp with red mucosa"
-VARIANTS = ("ref", "full", "truncated", "full_nockpt")
+VARIANTS = ("ref", "full", "truncated", "full_nockpt", "auto", "truncated_bf16", "auto_bf16")
 
 
 def _rss() -> int:
@@ -67,14 +72,14 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def _setup(threads: int):
+def _setup(threads: int, bf16: bool = False):
     import torch
 
     torch.set_num_threads(threads)
     from medart_core import lora as L
     from medart_core.backbone import load_backbone
 
-    bb = load_backbone("small")
+    bb = load_backbone("small", torch_dtype=torch.bfloat16 if bf16 else None)
     torch.manual_seed(0)
     L.attach_lora(bb)
     g = torch.Generator().manual_seed(1)
@@ -123,15 +128,32 @@ def _step_ref(bb, real, noise, steps: int, folder: str, reloads: int) -> float:
     return float(loss)
 
 
-def _step_ours(bb, real, noise, steps: int, variant: str) -> float:
+def auto_checkpointing(steps: int) -> tuple[bool, str]:
+    """What a training run of this bench's setting decides for ``hldf.checkpointing: auto`` right now."""
+    from medart_core.estimate import choose_checkpointing, cpu_device
+    from medart_core.train_config import TrainConfig
+
+    import torch
+
+    cfg = TrainConfig.from_dict({"backbone": "small", "batch_size": 1,
+                                 "hldf": {"sample_steps": steps, "grad_path": "full", "checkpointing": "auto"}})
+    choice = choose_checkpointing(cfg, cpu_device(torch.get_num_threads()))
+    return choice.checkpointing, choice.reason
+
+
+def _step_ours(bb, real, noise, steps: int, variant: str, ckpt_auto: bool) -> float:
     from medart_core import hldf as H
     from medart_core.pixart import encode_prompts, tokenize_prompts
+    from medart_core.precision import autocast
 
-    cfg = H.HLDFConfig(sample_steps=steps, grad_path="truncated" if variant == "truncated" else "full",
-                       truncated_k=2, checkpointing=variant != "full_nockpt")
-    ids, mask = tokenize_prompts(bb.tokenizer, [PROMPT])
-    emb, m = encode_prompts(bb, ids, mask)
-    loss = H.pixel_loss(bb, emb, m, real, cfg, generator=None, noise=noise)
+    truncated = variant.startswith("truncated")
+    ckpt = ckpt_auto if variant.startswith("auto") else variant != "full_nockpt"
+    cfg = H.HLDFConfig(sample_steps=steps, grad_path="truncated" if truncated else "full",
+                       truncated_k=2, checkpointing=ckpt)
+    with autocast("bf16" if variant.endswith("bf16") else "fp32", "cpu"):
+        ids, mask = tokenize_prompts(bb.tokenizer, [PROMPT])
+        emb, m = encode_prompts(bb, ids, mask)
+        loss = H.pixel_loss(bb, emb, m, real, cfg, generator=None, noise=noise)
     loss.backward()
     return float(loss)
 
@@ -142,8 +164,9 @@ def worker(variant: str, steps: int, threads: int, folder: str, reloads: int) ->
 
     from safetensors.torch import save_file
 
-    bb, real, noise = _setup(threads)
-    print(json.dumps({"ready": variant}), flush=True)
+    bb, real, noise = _setup(threads, bf16=variant.endswith("bf16"))
+    ckpt_auto, reason = auto_checkpointing(steps)
+    print(json.dumps({"ready": variant, "auto_checkpointing": ckpt_auto, "reason": reason}), flush=True)
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "step":
@@ -154,7 +177,7 @@ def worker(variant: str, steps: int, threads: int, folder: str, reloads: int) ->
                 if variant == "ref":
                     loss = _step_ref(bb, real, noise, steps, folder, reloads)
                 else:
-                    loss = _step_ours(bb, real, noise, steps, variant)
+                    loss = _step_ours(bb, real, noise, steps, variant, ckpt_auto)
                 dt = time.perf_counter() - t0
             print(json.dumps({"time_s": dt, "peak_rss_growth_mb": mem.growth_mb, "loss": loss}), flush=True)
         elif cmd == "grads":
@@ -207,6 +230,7 @@ def main() -> None:
                 line = procs[v].stdout.readline()
                 if not line:
                     raise RuntimeError(f"bench worker {v} failed: {procs[v].stderr.read()[-2000:]}")
+                ready = json.loads(line)
             runs = {v: [] for v in VARIANTS}
             # Round-robin, one variant at a time: load drift on a shared machine hits all variants alike.
             for r in range(args.repeats):
@@ -233,12 +257,21 @@ def main() -> None:
               f"peak RSS growth {m[v]:7.1f} MB, loss {runs[v][0]['loss']:.6f}")
     print(f"M={args.steps} sampling steps, CFG 4.5, batch 1, {args.threads} thread(s); "
           f"gradients full vs ref: max relative difference {rel:.2e}")
+    print(f"checkpointing auto chose {'on' if ready['auto_checkpointing'] else 'off'}: {ready['reason']}")
+    loss_diff = {v: abs(runs[v][0]["loss"] - runs[base][0]["loss"])
+                 for v, base in (("truncated_bf16", "truncated"), ("auto_bf16", "full"))}
+    print(f"bf16 vs fp32 pixel loss: |diff| {loss_diff}")
     summary = {
         "backbone": "small", "device": "cpu", "threads": args.threads, "sample_steps": args.steps,
         "guidance": 4.5, "batch": 1, "truncated_k": 2, "repeats": args.repeats, "ref_reloads": args.ref_reloads,
         "time_ratio_ref_over_full": t["ref"] / t["full"],
         "time_ratio_ref_over_truncated": t["ref"] / t["truncated"],
         "time_ratio_ref_over_full_nockpt": t["ref"] / t["full_nockpt"],
+        "time_ratio_ref_over_auto": t["ref"] / t["auto"],
+        "time_ratio_ref_over_truncated_bf16": t["ref"] / t["truncated_bf16"],
+        "time_ratio_ref_over_auto_bf16": t["ref"] / t["auto_bf16"],
+        "auto_checkpointing": "on" if ready["auto_checkpointing"] else "off",
+        "bf16_loss_abs_diff": loss_diff,
         "mem_ratio_truncated_over_ref": m["truncated"] / m["ref"],
         "mem_ratio_full_over_ref": m["full"] / m["ref"],
         "grad_max_rel_diff_full_vs_ref": rel,

@@ -30,6 +30,12 @@ The model (all sizes in bytes; ``a`` = 2 for bf16 on a GPU, 4 for fp32 on a CPU)
 
 It is a planning aid (expect +-50 %), not a promise: the **calibrate** button runs 4 real steps (two of them
 pixel steps) as a short job and shows the measured time and peak memory next to these figures.
+
+**Checkpointing only when memory needs it** (``hldf.checkpointing: auto``): activation checkpointing costs one
+more DiT forward per grad-carrying sampling step (≈ +45 % per pixel step on the CPU `small` bench), so a run
+asks :func:`choose_checkpointing` before it loads the model: the un-checkpointed peak of this model against
+the memory free right now (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable``, via psutil when it is
+installed, else ``/proc/meminfo``), with HEADROOM to spare for the model's ±50 %.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ FRAGMENTATION = 1.10
 OPS_PER_BLOCK = 40             # tensor operators in one transformer block's forward
 CPU_OP_S, GPU_OP_S = 30e-6, 15e-6          # dispatch cost per operator
 CPU_STEP_S, GPU_STEP_S = 0.02, 0.02        # data loading, optimiser step, metrics line per step
+HEADROOM = 0.75                # auto checkpointing: the un-checkpointed peak must fit in 75 % of free memory
 SD_VAE_PARAMS = 83.65e6
 SD_VAE_DECODER_SHARE = 0.59
 
@@ -247,6 +254,8 @@ class Estimate:
     shape: BackboneShape
     fits: bool
     warnings: list[str] = field(default_factory=list)
+    checkpointing: bool = True      # what the estimate assumed (``auto`` resolved against the device's memory)
+    precision: str = "fp32"         # the precision it assumed (bytes per frozen weight and activation)
 
     @property
     def peak_gb(self) -> float:
@@ -290,15 +299,37 @@ def _vae_levels(shape: BackboneShape, res: int) -> list[tuple[int, float]]:
     return [(c, (res / 2 ** lvl) ** 2) for lvl, c in enumerate(shape.vae_channels)]
 
 
+def assumed_precision(cfg: Any, device: DeviceInfo) -> str:
+    """The precision a run of ``cfg`` would use on ``device`` (GPUs of the table are taken to support bf16:
+    asking torch would create a CUDA context in the web server)."""
+    from .precision import resolve_precision
+
+    return resolve_precision(cfg.precision, device.kind, cuda_bf16=True)[0]
+
+
 def estimate(cfg: Any, device: DeviceInfo | None = None, *, n_train_images: int | None = None,
-             shape: BackboneShape | None = None) -> Estimate:
-    """Peak memory and time per step of ``cfg`` (a TrainConfig) on ``device`` (default: detected)."""
+             shape: BackboneShape | None = None, checkpointing: bool | None = None) -> Estimate:
+    """Peak memory and time per step of ``cfg`` (a TrainConfig) on ``device`` (default: detected).
+
+    ``checkpointing`` overrides ``cfg.hldf.checkpointing``; its ``auto`` is resolved here against the
+    device's total memory (what a planning view can know; a run decides on free memory, see
+    :func:`choose_checkpointing`).
+    """
     device = device or detect_device()
     shape = shape or backbone_shape(cfg.backbone)
+    if checkpointing is None:
+        mode = cfg.hldf.checkpointing
+        if mode == "auto":
+            off = estimate(cfg, device, n_train_images=n_train_images, shape=shape, checkpointing=False)
+            if off.peak_bytes <= HEADROOM * device.memory_bytes:
+                return off
+            return estimate(cfg, device, n_train_images=n_train_images, shape=shape, checkpointing=True)
+        checkpointing = mode != "off"
     lora, hl = cfg.lora, cfg.hldf
     res = int(cfg.resolution or shape.native_resolution)
     on_gpu = device.kind == "cuda"
-    a = 2 if on_gpu and cfg.mixed_precision in ("auto", "bf16") else 4
+    precision = assumed_precision(cfg, device)
+    a = 2 if precision == "bf16" else 4
     B = int(cfg.batch_size)
     N = (res / shape.vae_factor / shape.patch) ** 2
     T = 64 if cfg.trim_text_padding else 120
@@ -318,7 +349,7 @@ def estimate(cfg: Any, device: DeviceInfo | None = None, *, n_train_images: int 
     t5_act = shape.t5_layers * (10 * shape.t5_d_model + 4 * shape.t5_d_ff) * T * a if train_t5 else 0.0
     latent_act = B * (dit_act + t5_act)
     grad_steps = int(hl.sample_steps) if hl.grad_path == "full" else min(int(hl.truncated_k), int(hl.sample_steps))
-    kept_steps = 1 if hl.checkpointing else grad_steps
+    kept_steps = 1 if checkpointing else grad_steps
     vae_dec_act = B * sum(18 * c * px * a for c, px in _vae_levels(shape, res))
     pixel_act = latent_act + kept_steps * 2 * B * dit_act + vae_dec_act
     peak = (weights + trainable + max(latent_act, pixel_act)) * FRAGMENTATION + (CONTEXT_BYTES if on_gpu else 0)
@@ -331,8 +362,8 @@ def estimate(cfg: Any, device: DeviceInfo | None = None, *, n_train_images: int 
     latent_flops = B * (3 * dit_fwd + (3 if train_t5 else 1) * t5_fwd * (0 if cfg.cache_features else 1)
                         + vae_enc * (0 if cfg.cache_features else 1))
     M = int(hl.sample_steps)
-    pixel_flops = latent_flops + B * (M * 2 * dit_fwd + grad_steps * 2 * dit_fwd * (2 + (1 if hl.checkpointing else 0))
-                                      + vae_dec * (3 + (1 if hl.checkpointing else 0)))
+    pixel_flops = latent_flops + B * (M * 2 * dit_fwd + grad_steps * 2 * dit_fwd * (2 + (1 if checkpointing else 0))
+                                      + vae_dec * (3 + (1 if checkpointing else 0)))
     # Small models are bound by per-operator dispatch and the step's fixed work (data, optimiser, log fsync).
     t5_layers_run = shape.t5_layers if not cfg.cache_features else 0
     latent_ops = 3 * OPS_PER_BLOCK * (L + t5_layers_run) + 150
@@ -364,7 +395,70 @@ def estimate(cfg: Any, device: DeviceInfo | None = None, *, n_train_images: int 
     return Estimate(peak_bytes=peak, weights_bytes=weights, trainable_bytes=trainable, latent_act_bytes=latent_act,
                     pixel_act_bytes=pixel_act, lora_params=lora_params, latent_step_s=latent_s, pixel_step_s=pixel_s,
                     mean_step_s=mean_s, total_steps=total_steps, total_s=total_s, device=device, shape=shape,
-                    fits=fits, warnings=warnings)
+                    fits=fits, warnings=warnings, checkpointing=bool(checkpointing), precision=precision)
+
+
+# =========================================================================================================
+# Activation checkpointing only when memory needs it
+# =========================================================================================================
+def available_memory(kind: str) -> tuple[float, str]:
+    """Bytes free for a run on device ``kind`` now, and where the figure comes from."""
+    if kind == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return float(free), "torch.cuda.mem_get_info (free GPU memory)"
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available), "psutil available RAM"
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "total RAM (free RAM unknown)"
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    """What a run decided about activation checkpointing, and why (recorded in its provenance and log)."""
+
+    requested: str                  # "auto" | "on" | "off"
+    checkpointing: bool
+    reason: str
+    need_bytes: float | None = None     # estimated peak without checkpointing (auto only)
+    budget_bytes: float | None = None   # free memory it was compared with (auto only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "checkpointing": "on" if self.checkpointing else "off",
+                "reason": self.reason,
+                "need_gib": None if self.need_bytes is None else round(self.need_bytes / GiB, 3),
+                "budget_gib": None if self.budget_bytes is None else round(self.budget_bytes / GiB, 3)}
+
+
+def choose_checkpointing(cfg: Any, device: DeviceInfo | None = None, *, budget_bytes: float | None = None,
+                         shape: BackboneShape | None = None) -> CheckpointingChoice:
+    """Resolve ``cfg.hldf.checkpointing``: "on"/"off" as configured; "auto" turns checkpointing off when the
+    un-checkpointed peak fits in HEADROOM of ``budget_bytes`` (default: :func:`available_memory` of the
+    device now), on otherwise. Call it before the model is loaded: the estimate counts the weights."""
+    mode = cfg.hldf.checkpointing
+    if mode != "auto":
+        return CheckpointingChoice(mode, mode == "on", f"checkpointing {mode} as configured")
+    device = device or detect_device()
+    source = "given budget"
+    if budget_bytes is None:
+        budget_bytes, source = available_memory(device.kind)
+    need = estimate(cfg, device, shape=shape, checkpointing=False).peak_bytes
+    on = need > HEADROOM * budget_bytes
+    verdict = ("does not fit, so checkpointing is on" if on else "fits, so checkpointing is off (one DiT "
+               "forward less per grad-carrying sampling step)")
+    return CheckpointingChoice("auto", on, f"auto: the un-checkpointed peak is ~{need / GiB:.2f} GiB against a "
+                               f"budget of {HEADROOM:.0%} of {budget_bytes / GiB:.2f} GiB ({source}): it {verdict}",
+                               need_bytes=need, budget_bytes=float(budget_bytes))
 
 
 # =========================================================================================================
@@ -375,7 +469,7 @@ CALIBRATION_STEPS = 4      # steps 1, 3 latent; 2, 4 pixel (pixel_every 2); the 
 
 def calibration_config(cfg: Any) -> Any:
     """``cfg`` cut to 4 steps with a pixel step every 2, no checkpoint but the last, a minimal validation."""
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     d = cfg.to_dict()
     d.update(max_steps=CALIBRATION_STEPS, checkpoint_every=10_000, validate_every=10_000, validation_steps=1,

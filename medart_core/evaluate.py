@@ -69,6 +69,13 @@ class EvalSpec:
     n_boot: int = 50
     prdc_k: int = 5
     min_samples: int = 50
+    precision: str | None = None            # generation: fp32 | bf16 | auto | None (device default: bf16 on a
+                                            # GPU, fp32 on a CPU); the profile records the one used
+
+    def __post_init__(self) -> None:
+        from .precision import validate_precision
+
+        validate_precision(self.precision, "evaluation precision")
 
 
 @dataclass
@@ -126,10 +133,12 @@ def package_versions() -> dict[str, str]:
 
 
 def make_profile(spec: EvalSpec, eval_set: EvalSet, extractor: Extractor, *, checkpoint: str,
-                 checkpoint_sha256: str, backbone: str, sampler: str = "DPM-Solver++(2M)") -> dict[str, Any]:
+                 checkpoint_sha256: str, backbone: str, sampler: str = "DPM-Solver++(2M)",
+                 precision: str = "fp32") -> dict[str, Any]:
     """The full protocol of one result. Two results are comparable when they agree on everything except
-    PER_RESULT fields."""
-    return {
+    PER_RESULT fields. ``precision`` (what the images were generated in) is recorded only when it is not
+    fp32, so results measured before precision was a setting (all fp32 on CPUs) stay comparable."""
+    return {**({"precision": precision} if precision != "fp32" else {}),
         **extractor.describe(),
         "preparation": PREPARATION, "size": spec.size, "image_format": "png",
         "n_real": len(eval_set.items), "n_generated": len(eval_set.items),
@@ -389,8 +398,9 @@ ImageSource = Callable[[str, list[str], list[int]], list[Path]]
 def evaluate(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[str], *,
              images_for: ImageSource, checkpoint_sha256: Callable[[str], str], backbone: str,
              extractor: Extractor | None = None, memorisation: bool = True,
-             log: Callable[[str], None] | None = None) -> list[EvalResult]:
-    """Evaluate ``checkpoints`` ("base", "RUN", "RUN@STEP") under one profile; results saved and returned."""
+             log: Callable[[str], None] | None = None, precision: str = "fp32") -> list[EvalResult]:
+    """Evaluate ``checkpoints`` ("base", "RUN", "RUN@STEP") under one profile; results saved and returned.
+    ``precision`` is the one ``images_for`` generates in (recorded in the profile)."""
     say = log or (lambda m: None)
     eval_set = build_eval_set(ws, store, spec)
     t0 = time.perf_counter()
@@ -413,7 +423,7 @@ def evaluate(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[st
         fake = extractor.features(images_to_uint8(load_images(paths), spec.size))
         t_fake = time.perf_counter() - t0
         profile = make_profile(spec, eval_set, extractor, checkpoint=ck, checkpoint_sha256=checkpoint_sha256(ck),
-                               backbone=backbone)
+                               backbone=backbone, precision=precision)
         mets = score(real, fake, labels, spec)
         mem = nearest_training_images(fake, real) if memorisation else None
         rid = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{hashlib.sha256((ck + profile['created_at'] + str(time.perf_counter())).encode()).hexdigest()[:8]}"
@@ -520,6 +530,8 @@ def generator_source(ws: Workspace, generator: Any, spec: EvalSpec, *, batch_siz
         settings = {"checkpoint_sha256": sha, "backbone": str(generator.spec), "steps": spec.steps,
                     "guidance": spec.guidance, "negative": spec.negative_prompt, "strength": spec.adapter_strength,
                     "sampler": "DPM-Solver++(2M)", "format": EVAL_FORMAT}
+        if generator.precision != "fp32":  # bf16 images are other images; fp32 keeps the folders it always had
+            settings["precision"] = generator.precision
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
         folder = ws.samples_dir / "eval" / key
         folder.mkdir(parents=True, exist_ok=True)
@@ -560,10 +572,11 @@ def run_evaluation(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Seque
     if not checkpoints:
         raise ConfigError("Name at least one checkpoint to evaluate (base, RUN or RUN@STEP).")
     spec_bb = backbone or default_backbone(ws, next((c for c in checkpoints if c != "base"), "base"))
-    gen = get_generator(ws, spec_bb)
+    gen = get_generator(ws, spec_bb, spec.precision)
     source = generator_source(ws, gen, spec, progress=progress, should_stop=should_stop)
     return evaluate(ws, store, spec, checkpoints, images_for=source,
-                    checkpoint_sha256=lambda ck: checkpoint_sha256(ws, ck), backbone=spec_bb, log=log)
+                    checkpoint_sha256=lambda ck: checkpoint_sha256(ws, ck), backbone=spec_bb, log=log,
+                    precision=gen.precision)
 
 
 # =========================================================================================================
@@ -619,7 +632,7 @@ def _cmd_evaluate(args: Any) -> int:
     store = CaptionStore.for_workspace(ws)
     spec = EvalSpec(dataset=args.dataset, extractor=args.extractor, extractor_weights=args.weights,
                     per_class=args.per_class, captions=args.captions, steps=args.steps, guidance=args.guidance,
-                    size=args.size, seed=args.seed,
+                    size=args.size, seed=args.seed, precision=args.precision,
                     classes=[c for c in args.classes.split(",") if c] if args.classes else None)
     refs = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
     results = run_evaluation(ws, store, spec, refs, backbone=args.backbone,
@@ -670,6 +683,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--size", type=int, default=64, help="preparation size S for real and generated images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="generation precision: fp32 | bf16 | auto (bf16 where the device runs it fast). Default: "
+                        "bf16 on a GPU, fp32 on a CPU; results in different precisions are not compared")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -718,7 +734,7 @@ def prepare_evaluate_job(ws: Workspace, config: dict[str, Any]) -> tuple[dict[st
 # Profile fields that decide the pixels of an evaluation image (besides the checkpoint): results that agree on
 # them hold the same (prompt, seed) images per row, whatever extractor measured them.
 IMAGE_PROFILE_KEYS = ("dataset", "eval_set_sha256", "sampler", "steps", "guidance", "negative_prompt",
-                      "adapter_strength", "backbone")
+                      "adapter_strength", "backbone", "precision")
 
 
 def checkpoint_order(ref: str) -> tuple[int, str, int]:
@@ -770,7 +786,8 @@ def spec_from_profile(profile: dict[str, Any]) -> EvalSpec:
                     extractor=profile.get("extractor", "domain"), size=int(profile.get("size", 64)),
                     steps=int(profile.get("steps", 20)), guidance=float(profile.get("guidance", 4.5)),
                     negative_prompt=profile.get("negative_prompt", ""),
-                    adapter_strength=float(profile.get("adapter_strength", 1.0)))
+                    adapter_strength=float(profile.get("adapter_strength", 1.0)),
+                    precision=str(profile.get("precision", "fp32")))
 
 
 def result_eval_items(ws: Workspace, store: Any, res: EvalResult) -> list[EvalItem]:

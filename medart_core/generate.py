@@ -20,6 +20,11 @@ embedding does not depend on what else is in the batch or in the cache. Within o
 caption projection and cross-attention keys/values are computed once, not once per step
 (:class:`text_work_once`, the same bits).
 
+Precision (``precision.py``): a generator holds its backbone in one precision — ``fp32``, or ``bf16`` weights
+with every DiT/T5/VAE forward under bf16 autocast (the solver stays float32) — resolved once from
+``fp32|bf16|auto`` or the device default (None: bf16 on a GPU, fp32 on a CPU); the sidecar records the
+precision used, and :func:`regenerate` uses the recorded one.
+
 Seeds: a request with seed ``s`` gives image ``k`` (0-based) of *every* prompt the seed ``s + k`` (so a
 request with several prompts is a seed-matched grid); ``seed=None`` draws ``s`` at random and records it.
 Images are sampled in chunks of ``batch_size`` (the CFG batch is twice that); each image's noise is drawn
@@ -376,11 +381,15 @@ class Generator:
     """
 
     def __init__(self, ws: Workspace, backbone: str | Any = "tiny", *, device: Any = None, dtype: Any = None,
-                 embed_cache_size: int = 256, merge_dit: bool = True):
+                 embed_cache_size: int = 256, merge_dit: bool = True, precision: str | None = None):
+        from .precision import validate_precision
+
         self.ws = ws
         self._bb = None if isinstance(backbone, str) else backbone
         self.spec = backbone if isinstance(backbone, str) else str(backbone.spec)
         self._device, self._dtype = device, dtype
+        self._precision_requested = validate_precision(precision)
+        self._precision: tuple[str, str] | None = None
         self.merge_dit = bool(merge_dit)
         self.lock = threading.RLock()
         self._shapes: dict[str, _Shape] = {}
@@ -404,15 +413,44 @@ class Generator:
             import torch
 
             from .backbone import load_backbone
+            from .precision import torch_dtype
 
             device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            dtype = self._dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            dtype = self._dtype or torch_dtype(self.resolved_precision(device)[0])
             bb = load_backbone(self.spec, torch_dtype=None if dtype == torch.float32 else dtype)
             if device.type != "cpu":
                 bb.to(device=device)
             self._bb = bb
             self.stats["backbone_loads"] += 1
             return bb
+
+    def resolved_precision(self, device: Any = None) -> tuple[str, str]:
+        """(precision used, why): from the requested one on this generator's device; a backbone handed in,
+        or an explicit ``dtype``, is taken as it is."""
+        if self._precision is None:
+            from .precision import of_dtype, resolve_precision
+
+            if self._bb is not None or self._dtype is not None:
+                dt = self._dtype if self._dtype is not None else self._bb.transformer.dtype
+                name = of_dtype(dt)
+                self._precision = (name, f"the backbone's weights are {name}")
+            else:
+                import torch
+
+                dev = device or torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                self._precision = resolve_precision(self._precision_requested, dev)
+        return self._precision
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"`` or ``"bf16"``: what the forward passes compute in."""
+        self.backbone
+        return self.resolved_precision()[0]
+
+    def autocast(self) -> Any:
+        from .precision import autocast
+
+        return autocast(self.precision, self.device)
 
     def clear_cache(self) -> None:
         """Forget every cached prompt embedding."""
@@ -576,7 +614,7 @@ class Generator:
             return hit
         ids, mask = tokenize_prompts(bb.tokenizer, [prompt])
         n_tok = int(mask.sum())
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             emb = run_text_encoder(te, ids.to(te.device), mask.to(te.device), trim_padding=True)
         emb = emb[0, :n_tok].clone()
         self._embeds[key] = emb
@@ -617,10 +655,11 @@ class Generator:
             neg, nmask = self.embed_batch([negative] * len(prompts))
             shape = (1,) + latent_shape(bb, 1, resolution or bb.resolution)[1:]
             noise = torch.cat([initial_noise(shape, torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
-            with text_work_once(bb.transformer):
+            # The solver's latents stay float32; under bf16 only the DiT and VAE forwards are bf16.
+            with text_work_once(bb.transformer), self.autocast():
                 lat = sample_latents(bb, emb.to(self.dtype), mask, neg.to(self.dtype), nmask, steps=steps,
-                                     guidance=guidance, latents=noise.to(self.device, self.dtype), callback=callback)
-            return decode(bb.vae, lat).float()
+                                     guidance=guidance, latents=noise.to(self.device), callback=callback)
+                return decode(bb.vae, lat).float()
 
     def generate(self, request: GenerationRequest, *, progress: Progress | None = None,
                  out_dir: str | os.PathLike | None = None) -> list[GeneratedImage]:
@@ -674,6 +713,7 @@ class Generator:
             "sampler": SAMPLER, "seed_rule": SEED_RULE, "request_seed": seed,
             "seed_was_random": request.seed is None, "n": request.n, "batch_size": request.batch_size,
             "trim_text_padding": True, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision, "precision_reason": self.resolved_precision()[1],
             "torch_threads": torch.get_num_threads(), "versions": _versions(),
         }
 
@@ -699,6 +739,9 @@ class Generator:
         if s["backbone"] != self.spec:
             raise ConfigError(f"{Path(sidecar).name} was made with backbone {s['backbone']!r}; this generator "
                               f"holds {self.spec!r}.")
+        if sidecar_precision(s) != self.precision:
+            raise ConfigError(f"{Path(sidecar).name} was made in {sidecar_precision(s)}; this generator computes in "
+                              f"{self.precision}: regenerate with precision {sidecar_precision(s)}.")
         with self.lock:
             ck = self.use(s["checkpoint"], s["strength"])
             sha = ck.sha256 if ck else BASE
@@ -825,42 +868,61 @@ def default_backbone(ws: Workspace, checkpoint: str = BASE) -> str:
     return (ck.backbone if ck and ck.backbone else None) or os.environ.get("MEDART_BACKBONE") or "tiny"
 
 
-def get_generator(ws: Workspace, backbone: str) -> Generator:
-    """The process's generator for this workspace and backbone (created once; the model loads on first use)."""
-    key = (str(ws.root), str(backbone))
+def get_generator(ws: Workspace, backbone: str, precision: str | None = None) -> Generator:
+    """The process's generator for this workspace, backbone and *resolved* precision (created once; the model
+    loads on first use). ``precision``: fp32 | bf16 | auto | None (the device default)."""
+    import torch
+
+    from .precision import resolve_precision
+
+    resolved = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")[0]
+    key = (str(ws.root), str(backbone), resolved)
     with _GEN_LOCK:
         gen = _GENERATORS.get(key)
         if gen is None:
-            gen = _GENERATORS[key] = Generator(ws, backbone)
+            gen = _GENERATORS[key] = Generator(ws, backbone, precision=precision)
         return gen
 
 
 def generate(request: GenerationRequest, *, ws: Workspace | None = None, backbone: str | None = None,
-             progress: Progress | None = None) -> list[GeneratedImage]:
-    """Generate with the shared generator of ``backbone`` (default: see :func:`default_backbone`)."""
+             progress: Progress | None = None, precision: str | None = None) -> list[GeneratedImage]:
+    """Generate with the shared generator of ``backbone`` (default: see :func:`default_backbone`) in
+    ``precision`` (fp32 | bf16 | auto; None: the device default)."""
     ws = ws or Workspace.open()
     spec = backbone or default_backbone(ws, request.checkpoint)
-    return get_generator(ws, spec).generate(request, progress=progress)
+    return get_generator(ws, spec, precision).generate(request, progress=progress)
+
+
+def sidecar_precision(s: dict[str, Any]) -> str:
+    """The precision a sidecar's image was made in (older sidecars record only the weights' dtype)."""
+    from .precision import of_dtype
+
+    return str(s.get("precision") or of_dtype(s.get("dtype", "float32")))
 
 
 def regenerate(sidecar: str | os.PathLike, *, ws: Workspace | None = None) -> GeneratedImage:
-    """Reproduce a saved image from its sidecar (byte-equal PNG on the same machine and software)."""
+    """Reproduce a saved image from its sidecar (byte-equal PNG on the same machine and software), in the
+    precision it was made in."""
     ws = ws or Workspace.open()
     s = read_sidecar(sidecar)
-    return get_generator(ws, s["backbone"]).regenerate(sidecar)
+    return get_generator(ws, s["backbone"], sidecar_precision(s)).regenerate(sidecar)
 
 
 # =========================================================================================================
 # Job kind (for long grids; registered by jobs.py)
 # =========================================================================================================
 def prepare_generate_job(ws: Workspace, config: dict[str, Any]) -> tuple[dict[str, Any], None]:
-    """Validate a ``generate`` job's config: ``{"request": GenerationRequest fields, "backbone": spec|None}``."""
-    unknown = sorted(set(config) - {"request", "backbone"})
+    """Validate a ``generate`` job's config: ``{"request": GenerationRequest fields, "backbone": spec|None,
+    "precision": fp32|bf16|auto|None}``."""
+    from .precision import validate_precision
+
+    unknown = sorted(set(config) - {"request", "backbone", "precision"})
     if unknown:
-        raise ConfigError(f"Unknown generate job keys {unknown}; use 'request' and 'backbone'.")
+        raise ConfigError(f"Unknown generate job keys {unknown}; use 'request', 'backbone' and 'precision'.")
     req = GenerationRequest.from_dict(dict(config.get("request") or {}))
     resolve_checkpoint(ws, req.checkpoint)
-    return {"request": req.to_dict(), "backbone": config.get("backbone")}, None
+    return {"request": req.to_dict(), "backbone": config.get("backbone"),
+            "precision": validate_precision(config.get("precision"))}, None
 
 
 def run_generate_job(ctx: Any) -> dict[str, Any]:
@@ -877,7 +939,7 @@ def run_generate_job(ctx: Any) -> dict[str, Any]:
             raise _Stop()
 
     try:
-        imgs = get_generator(ctx.ws, spec).generate(req, progress=progress)
+        imgs = get_generator(ctx.ws, spec, ctx.config.get("precision")).generate(req, progress=progress)
     except _Stop:
         return {"status": "stopped"}
     return {"status": "finished", "images": [str(i.path) for i in imgs],
@@ -923,7 +985,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             last[0] = time.monotonic()
             print(f"step {done}/{total}", file=sys.stderr)
 
-    imgs = generate(req, ws=ws, backbone=args.backbone, progress=progress)
+    imgs = generate(req, ws=ws, backbone=args.backbone, progress=progress, precision=args.precision)
     _print_images(imgs, args.json)
     return 0
 
@@ -951,6 +1013,9 @@ def register_cli(subparsers: Any) -> None:
                    help="tiny | small | Hub id | folder (default: the checkpoint's, else $MEDART_BACKBONE or tiny)")
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength, the LoRA scale (default 1.0)")
     p.add_argument("--batch-size", type=int, default=4, help="images per DiT call (default 4)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="fp32 | bf16 | auto: bf16 where the device runs it fast (CUDA; CPUs with AVX512-BF16 or "
+                        "AMX-BF16). Default: bf16 on a GPU, fp32 on a CPU (bitwise equal to stock diffusers)")
     p.add_argument("--json", action="store_true", help="print one JSON list of the images")
     p.set_defaults(func=_cmd_generate)
 
@@ -965,6 +1030,6 @@ __all__ = [
     "BASE", "SEED_RULE", "SAMPLER", "GenerationRequest", "GeneratedImage", "Generator", "ResolvedCheckpoint",
     "parse_checkpoint_ref", "list_checkpoint_refs", "resolve_checkpoint", "file_sha256", "truncation_warning",
     "tokenizer_label", "read_sidecar", "load_settings", "recent_sidecars", "default_backbone", "get_generator",
-    "generate", "regenerate", "png_bytes", "new_batch_id", "prepare_generate_job", "run_generate_job",
+    "generate", "regenerate", "sidecar_precision", "png_bytes", "new_batch_id", "prepare_generate_job", "run_generate_job",
     "register_cli",
 ]

@@ -136,18 +136,22 @@ def dit_eps(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Te
     is ignored, as in the paper's loss and the pipeline), with the 1024 px model's size conditions.
 
     ``t`` is an int64 DDPM timestep tensor of shape [B] (or a scalar, broadcast over the batch).
+    Inputs are cast to the DiT's weight dtype and ε comes back in float32 whatever the DiT computes in
+    (bf16 under ``precision.autocast``): the solver and the losses do their arithmetic in float32.
     """
     import torch
 
     if trim_padding:
         embeds, mask = trim_text_padding(embeds, mask)
+    wdt = transformer.dtype
+    x, embeds = x.to(wdt), embeds.to(wdt)
     t = t.reshape(-1).to(device=x.device, dtype=torch.int64)
     if t.shape[0] == 1 and x.shape[0] != 1:
         t = t.expand(x.shape[0])
     out = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
                       added_cond_kwargs=size_conditions(transformer, x, latent_scale, embeds.dtype),
                       return_dict=False)[0]
-    return out[:, : int(transformer.config.in_channels)]
+    return out[:, : int(transformer.config.in_channels)].float()
 
 
 def guided_denoiser(transformer: Any, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
@@ -214,7 +218,7 @@ def sample_latents(
     ``"truncated"`` (only the last ``truncated_k`` steps build a graph). The noise is drawn from
     ``generator`` with the pipeline's shape rule unless ``latents`` is given. With ``neg_embeds=None``
     and ``guidance > 1`` the negative prompt "" is encoded on the fly (no grad). ``callback(i, n, x)``
-    is called after each solver step (e.g. to show progress).
+    is called after each solver step (e.g. to show progress). The latents come back in float32.
     """
     import contextlib
 
@@ -230,8 +234,7 @@ def sample_latents(
     if neg_embeds is not None and neg_embeds.shape[0] != b:
         neg_embeds, neg_mask = neg_embeds.expand(b, -1, -1), neg_mask.expand(b, -1)
     if latents is None:
-        latents = initial_noise(latent_shape(backbone, b), generator, device=prompt_embeds.device,
-                                dtype=prompt_embeds.dtype)
+        latents = initial_noise(latent_shape(backbone, b), generator, device=prompt_embeds.device)
     elif latents.shape[0] != b:
         raise ConfigError(f"noise has batch {latents.shape[0]} but there are {b} prompts.")
     if grad_mode == "truncated" and truncated_k < 1:
@@ -242,7 +245,8 @@ def sample_latents(
     config = backbone.scheduler.config
     ctx = torch.no_grad() if grad_mode == "none" else contextlib.nullcontext()
     with ctx:
-        return sample_dpmpp_2m(den, latents.to(prompt_embeds.dtype), dpm_schedule(config, steps),
+        # The solver state stays float32 whatever the model computes in (bf16 rounding would accumulate).
+        return sample_dpmpp_2m(den, latents.to(torch.float32), dpm_schedule(config, steps),
                                grad_from_step=grad_from, checkpoint=checkpoint and grad_mode != "none",
                                final_first_order=final_step_first_order(config, steps), callback=callback)
 
@@ -253,11 +257,12 @@ def decode(vae: Any, latents: torch.Tensor, *, checkpoint: bool = False) -> torc
     ``checkpoint`` recomputes the decoder's mid and up blocks one at a time in the backward pass, so the
     peak holds one block's activations instead of the whole decoder's. (Checkpointing the decoder as one
     unit would save nothing: its backward comes right after its forward.) The VAE is left as it was found.
+    The images come back in float32 (the colour loss and PNG rounding work on them).
     """
     import torch
 
     def run(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0].float()
 
     z = latents.to(vae.dtype)
     dec = getattr(vae, "decoder", None)

@@ -182,11 +182,14 @@ def sample_dpmpp_2m(
                 eps = ckpt(denoiser, x, t, use_reentrant=False)
             else:
                 eps = denoiser(x, t)
+            # The solver's arithmetic is float32 even when the model computes in bf16 (diffusers upcasts the
+            # sample for the update too); a float32 model output passes through unchanged.
+            eps = eps.to(torch.float32)
+            x32 = x.to(torch.float32)
             alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[i])
             alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[i + 1])
             # Data prediction x0 = (x - σ ε)/α: DPM-Solver++ integrates the data model, not the noise model.
-            x0 = (x - sigma_s0.to(x.device) * eps) / alpha_s0.to(x.device)
-            x32 = x.to(torch.float32)  # diffusers upcasts the sample for the update
+            x0 = (x32 - sigma_s0.to(x.device) * eps) / alpha_s0.to(x.device)
             h = lambda_t - lambda_s0
             first_order = prev_x0 is None or (i == n - 1 and final_first_order)
             c_x = (sigma_t / sigma_s0).to(x.device)

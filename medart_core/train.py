@@ -21,7 +21,7 @@ module at start-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -143,7 +143,8 @@ class Env:
     world: int
     main: bool
     on_cuda: bool
-    precision: str
+    precision: str                  # resolved: "fp32" | "bf16" (frozen weights and their forward passes)
+    precision_reason: str
     weight_dtype: Any
     say: Callable[[str], None]
 
@@ -152,9 +153,21 @@ class Env:
             self.say(msg)
 
     def autocast(self) -> Any:
+        """bf16 autocast on this device for bf16 runs (``precision.autocast``), a no-op for fp32."""
+        from .precision import autocast
+
+        return autocast(self.precision, self.device)
+
+    def device_info(self) -> Any:
+        """This run's device as the memory/time estimate sees it."""
         import torch
 
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        from .estimate import cpu_device, gpu_device
+
+        if self.on_cuda:
+            idx = self.device.index or 0
+            return gpu_device(torch.cuda.get_device_name(idx), torch.cuda.get_device_properties(idx).total_memory)
+        return cpu_device(torch.get_num_threads())
 
 
 def prepare_run(cfg: TrainConfig | None, ws: Workspace, run_name: str | None, resume: str | None
@@ -175,25 +188,35 @@ def prepare_run(cfg: TrainConfig | None, ws: Workspace, run_name: str | None, re
     return cfg, run_name, layout, None
 
 
-def make_env(cfg: TrainConfig, accelerator: Any, log: Callable[[str], None] | None) -> Env:
+def recorded_precision(ck_path: Path | None) -> str | None:
+    """The precision a run's checkpoint was trained in ("no" in runs written before it was a setting)."""
+    if ck_path is None:
+        return None
+    prov = json.loads((ck_path / "state.json").read_text(encoding="utf-8")).get("provenance") or {}
+    p = {"no": "fp32"}.get(prov.get("precision"), prov.get("precision"))
+    return p if p in ("fp32", "bf16") else None
+
+
+def make_env(cfg: TrainConfig, accelerator: Any, log: Callable[[str], None] | None, *,
+             resumed_precision: str | None = None) -> Env:
+    """Processes, device and the resolved precision. A resumed run keeps the precision its checkpoint was
+    trained in (``auto`` could resolve differently on another machine; resume must replay the same maths)."""
     import torch
     from accelerate import Accelerator
+
+    from .precision import resolve_precision, torch_dtype
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     on_cuda = device.type == "cuda"
     say = log or (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True))
-    main = accelerator.is_main_process
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if on_cuda else "no"
-    elif precision == "bf16" and not on_cuda:
-        if main:
-            say("mixed_precision=bf16 asked on CPU: training in fp32 instead (CPU bf16 autocast is slow).")
-        precision = "no"
+    if resumed_precision is not None:
+        precision, reason = resumed_precision, "kept from the checkpoint being resumed"
+    else:
+        precision, reason = resolve_precision(cfg.precision, device)
     return Env(accelerator=accelerator, device=device, rank=accelerator.process_index,
-               world=accelerator.num_processes, main=main, on_cuda=on_cuda, precision=precision,
-               weight_dtype=torch.bfloat16 if precision == "bf16" else torch.float32, say=say)
+               world=accelerator.num_processes, main=accelerator.is_main_process, on_cuda=on_cuda,
+               precision=precision, precision_reason=reason, weight_dtype=torch_dtype(precision), say=say)
 
 
 def build_model(cfg: TrainConfig, env: Env) -> tuple[Any, list[Any]]:
@@ -252,7 +275,8 @@ class TrainData:
         self.ids, self.masks, lengths = tokenize(backbone.tokenizer, [e.text for e in train_set])
         self.over_long = [e.key for e, n in zip(train_set, lengths) if n > MAX_TOKENS]
         self.train_t5 = t5_is_trainable(backbone)
-        neg = encode_negative(backbone, 1, text=cfg.hldf.negative_prompt, trim_padding=cfg.trim_text_padding)
+        with env.autocast():
+            neg = encode_negative(backbone, 1, text=cfg.hldf.negative_prompt, trim_padding=cfg.trim_text_padding)
         self.neg = (neg[0].detach(), neg[1])
         self.vae_scale = float(backbone.vae.config.scaling_factor)
 
@@ -284,7 +308,7 @@ class TrainData:
             both = torch.cat([p_mask, n_mask.expand(p_mask.shape[0], -1)])
             keep = trim_text_padding(both, both)[1].shape[1]
             p_emb, p_mask, n_emb, n_mask = p_emb[:, :keep], p_mask[:, :keep], n_emb[:, :keep], n_mask[:, :keep]
-        batch = {"latents": ((mean + std * eps) * self.vae_scale).to(dt),
+        batch = {"latents": (mean + std * eps) * self.vae_scale,      # float32: the noising is float32 maths
                  "prompt_embeds": p_emb.to(dev, dt), "prompt_mask": p_mask.to(dev),
                  "neg_embeds": n_emb.to(dev, dt), "neg_mask": n_mask.to(dev)}
         if pixel:
@@ -300,7 +324,8 @@ class TrainData:
                              generator=torch.Generator().manual_seed(derive_seed(seed, "crop", epoch, i)))
                  for e, i in zip(exs, positions)]
         rows = [order[i] for i in positions]
-        batch = {"pixel_values": torch.stack(crops).to(dev, self.env.weight_dtype),
+        # Pixels stay float32 whatever the precision: the colour loss compares them (the VAE casts its input).
+        batch = {"pixel_values": torch.stack(crops).to(dev),
                  "input_ids": self.ids[rows], "attention_mask": self.masks[rows]}
         if not self.train_t5:
             batch["neg_embeds"], batch["neg_mask"] = self.neg[0].to(dev), self.neg[1].to(dev)
@@ -393,6 +418,7 @@ class Run:
     metrics: MetricsLog
     hooks: _Hooks
     provenance: dict[str, Any]
+    hldf: Any = None                # cfg.hldf with ``checkpointing: auto`` resolved for this device
 
 
 def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str | None = None,
@@ -407,9 +433,15 @@ def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str |
     t_start = time.perf_counter()
     cfg, run_name, layout, ck_path = prepare_run(cfg, ws, run_name, resume)
     cfg.validate()
-    env = make_env(cfg, accelerator, log)
+    env = make_env(cfg, accelerator, log, resumed_precision=recorded_precision(ck_path))
     if resume is not None:
         env.log(f"resuming run {resume} from {ck_path.name if ck_path else 'the start (no checkpoint yet)'}")
+    # Decided before the weights are loaded: the estimate counts them against the memory free now.
+    from .estimate import choose_checkpointing
+
+    ckpt_choice = choose_checkpointing(cfg, env.device_info())
+    run_hldf = dataclasses.replace(cfg.hldf, checkpointing="on" if ckpt_choice.checkpointing else "off")
+    env.log(f"precision {env.precision} ({env.precision_reason}); {ckpt_choice.reason}")
     backbone, params = build_model(cfg, env)
 
     pool, explicit_val = collect_examples(ws, store, cfg)
@@ -436,12 +468,13 @@ def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str |
         "backbone_is_random": backbone.is_random, "resolution": backbone.resolution,
         "crop": "center (feature cache)" if data.cache else "random (seeded per sample)",
         "over_long_captions": {"count": len(data.over_long), "max_tokens": MAX_TOKENS, "keys": data.over_long[:100]},
-        "optimizer": opt_name, "precision": env.precision, "world_size": env.world,
+        "optimizer": opt_name, "precision": env.precision, "precision_requested": cfg.precision,
+        "precision_reason": env.precision_reason, "checkpointing": ckpt_choice.to_dict(), "world_size": env.world,
         "packages": package_versions(), "git_commit": git_commit(), "feature_cache": cache_report,
     }
     run = Run(cfg=cfg, env=env, name=run_name, layout=layout, backbone=backbone, params=params,
               optimizer=optimizer, data=data, validator=validator, metrics=MetricsLog(layout.metrics),
-              hooks=_Hooks(callbacks), provenance=provenance)
+              hooks=_Hooks(callbacks), provenance=provenance, hldf=run_hldf)
     state = start_or_resume(run, ck_path, fresh=resume is None)
     env.log(f"run {run_name}: {len(train_set)} images, {data.steps_per_epoch} steps/epoch, steps {state.step}->"
             f"{data.total_steps}, {backbone.resolution}px, {opt_name}, precision {env.precision}, {env.world} "
@@ -562,14 +595,14 @@ def optimizer_step(run: Run, state: RunState, order: list[int]) -> dict[str, Any
     cfg, env, data = run.cfg, run.env, run.data
     t0 = time.perf_counter()
     gen = torch.Generator(device=env.device).manual_seed(derive_seed(cfg.seed, "step", env.rank, state.step))
-    pixel = hldf.is_pixel_step(state.step, cfg.hldf)
+    pixel = hldf.is_pixel_step(state.step, run.hldf)
     logs: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         first = state.position * data.per_step + (micro * env.world + env.rank) * cfg.batch_size
         positions = list(range(first, first + cfg.batch_size))
         batch = data.batch(positions, order, state.epoch, pixel, gen)
         with env.autocast():
-            loss, mlogs = hldf.hybrid_loss(state.step, run.backbone, batch, cfg.hldf, generator=gen,
+            loss, mlogs = hldf.hybrid_loss(state.step, run.backbone, batch, run.hldf, generator=gen,
                                            trim_padding=cfg.trim_text_padding)
         if _all_ranks_any(env, not bool(torch.isfinite(loss.detach()).all())):
             keys = [data.train_set[order[i]].key for i in positions]
@@ -640,7 +673,7 @@ def diverged(run: Run, at_step: int, what: str) -> TrainingDivergedError:
             else "No checkpoint was written yet; restart")
     return TrainingDivergedError(
         f"Training diverged at step {at_step}: {what}. Likely causes: a learning rate too high "
-        f"(lr={run.cfg.lr}; try 10x lower), fp16/bf16 overflow (try mixed_precision 'no'), a corrupt image or a bad "
+        f"(lr={run.cfg.lr}; try 10x lower), bf16 overflow (try precision 'fp32'), a corrupt image or a bad "
         f"caption in the batch. {keep} after fixing the cause.")
 
 

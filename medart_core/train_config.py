@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 from .errors import ConfigError
 from .hldf import HLDFConfig
 from .lora import LoRAConfig
+from .precision import Precision, from_mixed_precision, validate_precision
 from .workspace import validate_name
 
 
@@ -49,7 +50,9 @@ class TrainConfig:
     epochs: int = 15
     max_steps: int | None = None           # when set, wins over epochs
     seed: int = 42
-    mixed_precision: str = "auto"          # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "no"
+    precision: Precision | None = None     # "fp32" | "bf16" | "auto" (bf16 where the device runs it fast: CUDA
+                                           # with bf16, CPUs with AVX512-BF16/AMX-BF16) | None (the device
+                                           # default: bf16 on a GPU, fp32 on a CPU); see medart_core/precision.py
     optimizer: str = "adamw"               # "adamw" | "adamw8bit" (bitsandbytes, CUDA only; else falls back)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -84,6 +87,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if "mixed_precision" in data:
+            # Configs written before precision was a setting (run folders that may be resumed, old presets).
+            legacy = from_mixed_precision(data.pop("mixed_precision"))
+            data.setdefault("precision", legacy)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"Unknown training config keys {unknown}; valid keys are {sorted(known)}.")
@@ -116,9 +124,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}.")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ConfigError(f"mixed_precision must be 'auto', 'bf16' or 'no' (fp16 overflows in the pixel "
-                              f"loss), got {self.mixed_precision!r}.")
+        validate_precision(self.precision)
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ConfigError(f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}.")
         if self.resolution is not None and (int(self.resolution) < 8 or int(self.resolution) % 8):

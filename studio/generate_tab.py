@@ -188,7 +188,7 @@ def run_regenerate(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
         raise gr.Error("Pick a past image first.")
     sidecar = _own_sidecar(ctx, sidecar)
     s = G.read_sidecar(sidecar)
-    img = G.get_generator(ctx.ws, s["backbone"]).regenerate(sidecar)
+    img = G.get_generator(ctx.ws, s["backbone"], G.sidecar_precision(s)).regenerate(sidecar)   # its precision
     return {"gallery": _gallery([img]), "summary": _summary([img], "Regenerated"), "details": _details([img])}
 
 

@@ -121,3 +121,37 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(ws, store, tmp_path):
     # The uninterrupted and resumed runs logged the same losses, step for step.
     full_rows = [json.loads(line) for line in (ws.run_dir("full") / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in full_rows if "loss_latent" in r] == [r["loss"] for r in train_rows]
+
+
+def test_bf16_resume_from_a_checkpoint_is_bitwise_identical(ws, store):
+    """Exact resume holds within one precision: a bf16 run stopped at a checkpoint and resumed (in process,
+    no kill) ends with the same adapter and optimiser bits as an uninterrupted bf16 run, pixel steps included;
+    the resumed run keeps the precision its checkpoint records."""
+    import torch
+    from safetensors.torch import load_file
+
+    from medart_core.train import TrainConfig, train
+
+    make_dataset(ws, store)
+    steps = 6
+    cfg = dict(CONFIG, max_steps=steps, precision="bf16")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig.from_dict(cfg), ws, store, run_name="full16")
+        train(TrainConfig.from_dict(dict(cfg, max_steps=4)), ws, store, run_name="cut16")
+        res = train(TrainConfig.from_dict(cfg), ws, store, resume="cut16")
+    finally:
+        torch.set_num_threads(n)
+    assert res.step == steps
+    final = f"checkpoints/step_{steps:06d}"
+    for name in ("adapters", "optimizer"):
+        a = load_file(str(ws.run_dir("full16") / final / f"{name}.safetensors"))
+        b = load_file(str(ws.run_dir("cut16") / final / f"{name}.safetensors"))
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after a bf16 resume"
+    prov = json.loads((ws.run_dir("cut16") / final / "state.json").read_text())["provenance"]
+    assert prov["precision"] == "bf16" and prov["precision_reason"] == "kept from the checkpoint being resumed"
+    full = [json.loads(x) for x in (ws.run_dir("full16") / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(x) for x in (ws.run_dir("cut16") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in full if "loss_latent" in r] == [r["loss"] for r in cut if "loss_latent" in r]
