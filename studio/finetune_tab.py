@@ -501,7 +501,7 @@ def build_finetune_tab(ctx: StudioContext) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=360):
             dataset = gr.Dropdown([], value=None, label="Dataset", elem_id="ft-dataset", allow_custom_value=True)
-            ds_info = gr.Markdown()
+            ds_info = gr.Markdown(elem_id="ft-ds-info")
             captions = gr.Radio(["approved", "latest"], value="approved", label="Captions")
             backbone = gr.Dropdown(list(dict.fromkeys([ctx.backbone_spec, *BACKBONES])), value=ctx.backbone_spec,
                                    allow_custom_value=True, label="Backbone", elem_id="ft-backbone")

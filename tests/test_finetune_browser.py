@@ -84,6 +84,10 @@ def test_launch_watch_stop_resume_in_the_browser(served, chromium):
     page.wait_for_function("() => document.querySelector('#ft-banner') && "
                            "document.querySelector('#ft-banner').innerText.includes('No GPU detected')",
                            timeout=60_000)
+    # The page has loaded when the dataset picked by the load is summarised (the last thing the load fills):
+    # a form typed into before that can be overwritten by the load's values.
+    page.wait_for_function("() => (document.querySelector('#ft-ds-info') || {}).innerText?.includes('images')",
+                           timeout=60_000)
     page.get_by_label("latest").check()
     page.get_by_text("Overrides").click()
     box = page.locator("#ft-max-steps input")
