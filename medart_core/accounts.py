@@ -155,6 +155,12 @@ CREATE TABLE IF NOT EXISTS lockouts (
 # writes and must not grow the durable log; a lock does not need to survive a restart of a Space.
 
 
+def lock_until(failures: int, now: float) -> float:
+    """When an account with ``failures`` failed sign-ins in a row is unlocked again (0.0: not locked)."""
+    over = failures - LOCK_AFTER
+    return now + min(LOCK_MAX_S, LOCK_FIRST_S * 2 ** over) if over >= 0 else 0.0
+
+
 def _new_stamp() -> str:
     return secrets.token_hex(8)
 
@@ -194,12 +200,14 @@ class UserStore:
         return con
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, replicate: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``replicate=False`` keeps it out of the durable log (failed sign-ins)."""
         from . import durable
 
         con = self._con()
         con.execute("BEGIN IMMEDIATE")
-        tx = durable.begin(durable.USERS, con, self.path)   # None unless MEDART_DURABLE_DIR is set
+        # None unless MEDART_DURABLE_DIR is set (and always for writes that are not replicated)
+        tx = durable.begin(durable.USERS, con, self.path) if replicate else None
         try:
             yield con
             entry = durable.collect(tx)          # this transaction's rows, read under the write lock
@@ -260,21 +268,13 @@ class UserStore:
         if canonical is None:
             return None
         now = time.time() if now is None else now
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write(replicate=False) as con:
             row = con.execute("SELECT failures FROM lockouts WHERE name = ?", (canonical,)).fetchone()
             failures = (row["failures"] if row else 0) + 1
-            over = failures - LOCK_AFTER
-            until = now + min(LOCK_MAX_S, LOCK_FIRST_S * 2 ** over) if over >= 0 else 0.0
             con.execute("INSERT INTO lockouts (name, failures, locked_until, last_failure) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT(name) DO UPDATE SET failures = excluded.failures, "
                         "locked_until = excluded.locked_until, last_failure = excluded.last_failure",
-                        (canonical, failures, until, now))
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+                        (canonical, failures, lock_until(failures, now), now))
         return self.lockout(canonical)
 
     def clear_failures(self, name: str) -> bool:

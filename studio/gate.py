@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from medart_core.accounts import LOCK_AFTER, LOCK_FIRST_S, LOCK_MAX_S, Lockout
+from medart_core.accounts import Lockout, lock_until
 
 from .auth import Access, is_loopback
 
@@ -325,9 +325,7 @@ class UnknownNames:
             if len(self._f) >= self.MAX_NAMES and key not in self._f:
                 self._f.pop(next(iter(self._f)))
             failures = (self._f[key].failures if key in self._f else 0) + 1
-            over = failures - LOCK_AFTER
-            until = now + min(LOCK_MAX_S, LOCK_FIRST_S * 2 ** over) if over >= 0 else 0.0
-            self._f[key] = Lockout(key, failures, until, now)
+            self._f[key] = Lockout(key, failures, lock_until(failures, now), now)
             return self._f[key]
 
 

@@ -33,6 +33,17 @@ def store(ws):
         close()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (2-core machines run two test workers), restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 

@@ -21,14 +21,7 @@ PLAIN_CPU = frozenset({"fpu", "avx2", "avx512f"})
 LOSS_RTOL = 0.02
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- resolution -------------------------------------------------------------------------------------------
