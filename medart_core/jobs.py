@@ -1245,9 +1245,11 @@ def ensure_supervisor(ws: Workspace, *, idle_exit_s: float | None = None, timeou
 # Executor seam: what the studio and the CLI use (a cluster backend implements the same verbs)
 # =========================================================================================================
 class Executor(ABC):
-    """Where jobs run. ``LocalExecutor`` is the only one built; Ray Jobs or SLURM (submitit) map onto these
-    verbs (submit_job / stop_job / get_job_status / tail_job_logs)."""
+    """Where jobs run, and the only door to them: the studio and the CLI submit, steer **and read** jobs
+    through these verbs (a cluster backend such as Slurm through submitit implements the same ones). The
+    ledger behind them stays the source of truth."""
 
+    # ---- steering
     @abstractmethod
     def submit(self, kind: str, config: dict[str, Any], *, owner: str | None = None) -> Job: ...
 
@@ -1255,16 +1257,42 @@ class Executor(ABC):
     def stop(self, job_id: str) -> Job: ...
 
     @abstractmethod
-    def resume(self, job_id: str, *, max_steps: int | None = None) -> Job: ...
+    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None) -> Job: ...
+
+    # ---- reading
+    @abstractmethod
+    def get(self, job_id: str) -> Job:
+        """The job's row (MedArtError if there is none)."""
 
     @abstractmethod
-    def status(self, job_id: str) -> Job: ...
+    def list(self, *, states: Sequence[str] | None = None, kind: str | None = None, owner: str | None = None,
+             run: str | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first, filtered."""
 
     @abstractmethod
-    def list(self, **filters: Any) -> list[Job]: ...
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's append-only event log, oldest first."""
 
     @abstractmethod
-    def logs(self, job_id: str, lines: int = 200) -> str: ...
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        """The last ``lines`` lines of the job's own log."""
+
+    @abstractmethod
+    def error_report(self, job: Job | str, lines: int = 20) -> str:
+        """A failed or interrupted job's cause in one sentence with the log tail below ("" when none)."""
+
+    @abstractmethod
+    def refresh(self) -> list[Job]:
+        """Bring states up to date with what is really running (a vanished process: ``interrupted``);
+        returns the jobs changed."""
+
+    # ---- kept names
+    def status(self, job_id: str) -> Job:
+        return self.get(job_id)
+
+    def logs(self, job_id: str, lines: int = 200) -> str:
+        self.get(job_id)
+        return self.log_tail(job_id, lines)
 
 
 class LocalExecutor(Executor):
@@ -1291,20 +1319,32 @@ class LocalExecutor(Executor):
             self._ensure()       # someone must escalate if the job ignores the flag
         return job
 
-    def resume(self, job_id: str, *, max_steps: int | None = None) -> Job:
-        job = self.ledger.resume(job_id, max_steps=max_steps)
+    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None) -> Job:
+        job = self.ledger.resume(job_id, max_steps=max_steps, owner=owner)
         self._ensure()
         return job
 
-    def status(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> Job:
         return self.ledger.get(job_id)
 
-    def list(self, **filters: Any) -> list[Job]:
-        return self.ledger.list(**filters)
+    def list(self, *, states: Sequence[str] | None = None, kind: str | None = None, owner: str | None = None,
+             run: str | None = None, limit: int | None = None) -> list[Job]:
+        return self.ledger.list(states=states, kind=kind, owner=owner, run=run, limit=limit)
 
-    def logs(self, job_id: str, lines: int = 200) -> str:
-        self.ledger.get(job_id)
+    def events(self, job_id: str) -> list[JobEvent]:
+        return self.ledger.events(job_id)
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
         return self.ledger.log_tail(job_id, lines)
+
+    def error_report(self, job: Job | str, lines: int = 20) -> str:
+        return self.ledger.error_report(job, lines)
+
+    def refresh(self) -> list[Job]:
+        return self.ledger.reconcile()
+
+    def close(self) -> None:
+        self.ledger.close()
 
 
 def wait_for(ledger: JobLedger, job_id: str, states: Sequence[str] = FINAL, timeout_s: float = 600.0,

@@ -15,7 +15,9 @@ from .auth import Access
 if TYPE_CHECKING:
     import gradio as gr
 
+    from medart_core.blind import ReviewStore
     from medart_core.captions import CaptionStore
+    from medart_core.jobs import Executor
     from medart_core.review import ReviewContext
 
 
@@ -34,6 +36,9 @@ class StudioContext:
     gate: Any = None                 # studio.gate.GateParts once serve_kwargs made them (policy, sessions)
     _review: "ReviewContext | None" = field(default=None, init=False, repr=False, compare=False)
     _review_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _executor: "Executor | None" = field(default=None, init=False, repr=False, compare=False)
+    _reviews: "ReviewStore | None" = field(default=None, init=False, repr=False, compare=False)
+    _tokenizers: dict[str, tuple[Any, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.auth_enabled = self.auth_enabled or self.access.enabled
@@ -47,6 +52,43 @@ class StudioContext:
 
                 self._review = ReviewContext(self.ws, self.store, self.backbone_spec)
             return self._review
+
+    @property
+    def executor(self) -> "Executor":
+        """The one door to this workspace's jobs (submit, stop, resume, and every read), made once."""
+        with self._review_lock:
+            if self._executor is None:
+                from medart_core.jobs import LocalExecutor
+
+                self._executor = LocalExecutor(self.ws)
+            return self._executor
+
+    @property
+    def reviews(self) -> "ReviewStore":
+        """The blind-review store of this workspace, made once."""
+        with self._review_lock:
+            if self._reviews is None:
+                from medart_core.blind import ReviewStore
+
+                self._reviews = ReviewStore.for_workspace(self.ws)
+            return self._reviews
+
+    def prompt_tokenizer(self) -> tuple[Any, str]:
+        """The tokenizer prompts are counted with, and how the UI names it (cheap: no model weights); the
+        project's tiny tokenizer, said so, where the backbone's own is not available offline."""
+        spec = self.backbone_spec or "tiny"
+        with self._review_lock:
+            if spec not in self._tokenizers:
+                from medart_core import generate as G
+                from medart_core.backbone import load_tokenizer
+                from medart_core.errors import MedArtError
+
+                try:
+                    self._tokenizers[spec] = (load_tokenizer(spec), G.tokenizer_label(spec))
+                except MedArtError:
+                    self._tokenizers[spec] = (load_tokenizer("tiny"), "the project's tiny Unigram tokenizer (the "
+                                              "backbone's own T5 tokenizer is not available offline), not T5's")
+            return self._tokenizers[spec]
 
     def warm_up(self) -> threading.Thread:
         """Load what the first clicks need (the tokenizer of the token counters) in the background, once the
