@@ -16,19 +16,18 @@ this, and what may they do"; the studio enforces it in every handler (``studio/a
 """
 from __future__ import annotations
 
-import argparse
 import re
 import secrets
 import sqlite3
-import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from . import durable
+from .clock import utc_now
 from .errors import ConfigError, NotFoundError
+from .store import SqliteStore, run_script
 
 ANNOTATOR, TRAINER, ADMIN = "annotator", "trainer", "admin"
 ROLES: tuple[str, ...] = (ANNOTATOR, TRAINER, ADMIN)       # weakest first; each includes the ones before
@@ -155,6 +154,13 @@ CREATE TABLE IF NOT EXISTS lockouts (
 # writes and must not grow the durable log; a lock does not need to survive a restart of a Space.
 
 
+def _from_unversioned(con: sqlite3.Connection) -> None:
+    """Version 0: a users file from before the store kept a version (``lockouts`` or ``stamp`` may be missing)."""
+    run_script(con, _SCHEMA)
+    if "stamp" not in {r[1] for r in con.execute("PRAGMA table_info(users)")}:
+        con.execute("ALTER TABLE users ADD COLUMN stamp TEXT")   # tables written before stamps existed
+
+
 def lock_until(failures: int, now: float) -> float:
     """When an account with ``failures`` failed sign-ins in a row is unlocked again (0.0: not locked)."""
     over = failures - LOCK_AFTER
@@ -165,57 +171,28 @@ def _new_stamp() -> str:
     return secrets.token_hex(8)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-class UserStore:
+class UserStore(SqliteStore):
     """The users table. Lookups are cheap (one indexed row), so every request may ask for a role afresh:
-    ``set-role`` and ``remove`` take effect on the next click, without a restart."""
+    ``set-role`` and ``remove`` take effect on the next click, without a restart.
+
+    A :class:`~medart_core.store.SqliteStore` opened lazily: the file (0600: password hashes are readable by the
+    owner only) is made by the first write, or by :meth:`conn`; reading a workspace without one never makes it."""
+
+    SCHEMA_VERSION = 1
+    SCHEMA = _SCHEMA
+    MIGRATIONS = {0: _from_unversioned}
+    DURABLE_SPEC = durable.USERS
+    BUSY_MESSAGE = ("The users table {path} is busy (another process held it for over {seconds} s); try again "
+                    "in a moment.")
+    LAZY = True
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._local = threading.local()
+        super().__init__(path)
         self._dummy: str | None = None
 
     @classmethod
     def for_workspace(cls, ws: Any) -> "UserStore":
         return cls(getattr(ws, "users_db", None) or Path(ws.root) / USERS_DB)
-
-    # ---- connection ------------------------------------------------------------------------------
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            from .workspace import private_file
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = sqlite3.connect(private_file(self.path), isolation_level=None, timeout=10.0,
-                                  check_same_thread=False)     # password hashes: readable by the owner only
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA busy_timeout = 10000")
-            con.executescript(_SCHEMA)
-            if "stamp" not in {r[1] for r in con.execute("PRAGMA table_info(users)")}:
-                con.execute("ALTER TABLE users ADD COLUMN stamp TEXT")   # tables written before stamps existed
-            self._local.con = con
-        return con
-
-    @contextmanager
-    def _write(self, *, replicate: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``replicate=False`` keeps it out of the durable log (failed sign-ins)."""
-        from . import durable
-
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        # None unless MEDART_DURABLE_DIR is set (and always for writes that are not replicated)
-        tx = durable.begin(durable.USERS, con, self.path) if replicate else None
-        try:
-            yield con
-            entry = durable.collect(tx)          # this transaction's rows, read under the write lock
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-        durable.record(entry)                    # appended + fsynced to the durable folder before we return
 
     def exists(self) -> bool:
         """True when the table file exists (reading never creates it: an open studio leaves no users file)."""
@@ -230,18 +207,18 @@ class UserStore:
     def list(self) -> list[User]:
         if not self.exists():
             return []
-        rows = self._con().execute("SELECT * FROM users ORDER BY name COLLATE NOCASE").fetchall()
+        rows = self.conn().execute("SELECT * FROM users ORDER BY name COLLATE NOCASE").fetchall()
         return [self._user(r) for r in rows]
 
     def count(self) -> int:
         if not self.exists():
             return 0
-        return int(self._con().execute("SELECT COUNT(*) FROM users").fetchone()[0])
+        return int(self.conn().execute("SELECT COUNT(*) FROM users").fetchone()[0])
 
     def get(self, name: str | None) -> User | None:
         if not name or not self.exists():
             return None
-        row = self._con().execute("SELECT * FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
+        row = self.conn().execute("SELECT * FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
         return self._user(row) if row is not None else None
 
     def role_of(self, name: str | None) -> str | None:
@@ -258,7 +235,7 @@ class UserStore:
     def lockout(self, name: str | None) -> Lockout | None:
         if not name or not self.exists():
             return None
-        row = self._con().execute("SELECT * FROM lockouts WHERE name = ?", (str(name).strip(),)).fetchone()
+        row = self.conn().execute("SELECT * FROM lockouts WHERE name = ?", (str(name).strip(),)).fetchone()
         return Lockout(row["name"], row["failures"], row["locked_until"], row["last_failure"]) if row else None
 
     def record_failure(self, name: str, *, now: float | None = None) -> Lockout | None:
@@ -268,7 +245,7 @@ class UserStore:
         if canonical is None:
             return None
         now = time.time() if now is None else now
-        with self._write(replicate=False) as con:
+        with self.write(replicate=False) as con:      # failed sign-ins stay out of the durable log
             row = con.execute("SELECT failures FROM lockouts WHERE name = ?", (canonical,)).fetchone()
             failures = (row["failures"] if row else 0) + 1
             con.execute("INSERT INTO lockouts (name, failures, locked_until, last_failure) VALUES (?, ?, ?, ?) "
@@ -281,13 +258,14 @@ class UserStore:
         """Forget an account's failed sign-ins (a successful sign-in, or an admin's `users unlock`)."""
         if not self.exists():
             return False
-        return self._con().execute("DELETE FROM lockouts WHERE name = ?", (str(name).strip(),)).rowcount > 0
+        with self.write(replicate=False) as con:
+            return con.execute("DELETE FROM lockouts WHERE name = ?", (str(name).strip(),)).rowcount > 0
 
     def lockouts(self) -> list[Lockout]:
         """Accounts with failed sign-ins, locked ones first (the Users tab and `users list` show them)."""
         if not self.exists():
             return []
-        rows = self._con().execute("SELECT * FROM lockouts ORDER BY locked_until DESC, name").fetchall()
+        rows = self.conn().execute("SELECT * FROM lockouts ORDER BY locked_until DESC, name").fetchall()
         return [Lockout(r["name"], r["failures"], r["locked_until"], r["last_failure"]) for r in rows]
 
     def verify(self, name: str, password: str) -> bool:
@@ -295,7 +273,7 @@ class UserStore:
         one bcrypt check too, so the time taken does not tell which names exist."""
         row = None
         if isinstance(name, str) and self.exists():
-            row = self._con().execute("SELECT password_hash FROM users WHERE name = ?", (name.strip(),)).fetchone()
+            row = self.conn().execute("SELECT password_hash FROM users WHERE name = ?", (name.strip(),)).fetchone()
         hashed = row["password_hash"] if row is not None else None
         if not isinstance(password, str):
             password = ""
@@ -311,8 +289,8 @@ class UserStore:
         """A new user; ``password=None`` makes one who signs in through Hugging Face (Spaces) only."""
         name, role = validate_username(name), validate_role(role)
         hashed = hash_password(password) if password is not None else None
-        now = _now()
-        with self._write() as con:
+        now = utc_now()
+        with self.write() as con:
             if con.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise ConfigError(f"User {name!r} exists already: use set-role or passwd to change it.")
             con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by, stamp) "
@@ -329,21 +307,21 @@ class UserStore:
 
     def set_role(self, name: str, role: str, *, force: bool = False) -> User:
         role = validate_role(role)
-        with self._write() as con:
+        with self.write() as con:
             row = con.execute("SELECT role FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
             if row is None:
                 raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
             if row["role"] == ADMIN and role != ADMIN and not force and self._admins_left(con, name.strip()) == 0:
                 raise ConfigError(f"{name!r} is the last admin: make another user admin first (or pass --force).")
             con.execute("UPDATE users SET role = ?, updated_at = ?, stamp = ? WHERE name = ?",
-                        (role, _now(), _new_stamp(), name.strip()))
+                        (role, utc_now(), _new_stamp(), name.strip()))
         return self.get(name)  # type: ignore[return-value]
 
     def set_password(self, name: str, password: str | None) -> User:
         hashed = hash_password(password) if password is not None else None
-        with self._write() as con:
+        with self.write() as con:
             cur = con.execute("UPDATE users SET password_hash = ?, updated_at = ?, stamp = ? WHERE name = ?",
-                              (hashed, _now(), _new_stamp(), str(name).strip()))
+                              (hashed, utc_now(), _new_stamp(), str(name).strip()))
             if cur.rowcount == 0:
                 raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
         self.clear_failures(name)           # a new password is also the way out of a lock
@@ -351,7 +329,7 @@ class UserStore:
 
     def remove(self, name: str, *, force: bool = False) -> None:
         """Remove a user; they are refused from their next click on (their session cookie is worth nothing)."""
-        with self._write() as con:
+        with self.write() as con:
             row = con.execute("SELECT role FROM users WHERE name = ?", (str(name).strip(),)).fetchone()
             if row is None:
                 raise NotFoundError(f"No user named {name!r}: `users list` shows them.")
@@ -371,8 +349,8 @@ class UserStore:
             if not name:
                 continue
             name = validate_username(name)
-            now = _now()
-            with self._write() as con:
+            now = utc_now()
+            with self.write() as con:
                 row = con.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
                 if row is None:
                     con.execute("INSERT INTO users (name, role, password_hash, created_at, updated_at, created_by, "
@@ -383,145 +361,8 @@ class UserStore:
             done.append(name)
         return done
 
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
 
 
 def admins_from_env(value: str | None) -> list[str]:
     """``MEDART_ADMINS="alice, bob"`` -> ["alice", "bob"]."""
     return [n.strip() for n in (value or "").split(",") if n.strip()]
-
-
-# =========================================================================================================
-# Command line: python -m medart_core users ...
-# =========================================================================================================
-def read_password(from_stdin: bool, *, confirm: bool = True) -> str:
-    """The password from one line of stdin (``--password-stdin``) or an interactive prompt (typed twice)."""
-    if from_stdin:
-        line = sys.stdin.readline()
-        return line[:-1] if line.endswith("\n") else line
-    if not sys.stdin.isatty():
-        raise ConfigError("No terminal to prompt for a password: pipe it in with --password-stdin "
-                          "(e.g. `printf '%s\\n' \"$PW\" | python -m medart_core users add NAME --password-stdin`).")
-    import getpass
-
-    pw = getpass.getpass("Password: ")
-    if confirm and getpass.getpass("Password (again): ") != pw:
-        raise ConfigError("The two passwords differ; nothing was changed.")
-    return pw
-
-
-def _store(args: argparse.Namespace) -> UserStore:
-    from .workspace import Workspace
-
-    return UserStore.for_workspace(Workspace.open(args.workspace))
-
-
-def _cmd_add(args: argparse.Namespace) -> int:
-    validate_username(args.name)
-    validate_role(args.role)
-    password = None if args.no_password else read_password(args.password_stdin)
-    u = _store(args).add(args.name, args.role, password, by="cli")
-    print(f"added {u.name} ({u.role}, signs in with {u.sign_in})")
-    return 0
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    users = _store(args).list()
-    if not users:
-        print("no users: the studio runs open (on 127.0.0.1 only); `users add NAME --role admin` turns sign-in on")
-        return 0
-    w = max(4, *(len(u.name) for u in users))
-    print(f"{'name':<{w}}  {'role':<9}  {'sign-in':<12}  {'created':<20}  updated")
-    for u in users:
-        print(f"{u.name:<{w}}  {u.role:<9}  {u.sign_in:<12}  {u.created_at:<20}  {u.updated_at}")
-    store = _store(args)
-    for lk in store.lockouts():
-        state = (f"locked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lk.locked_until))}"
-                 if lk.locked() else "not locked")
-        print(f"{lk.name}: {lk.failures} failed sign-in(s) in a row, {state} (`users unlock {lk.name}` clears it)")
-    return 0
-
-
-def _cmd_unlock(args: argparse.Namespace) -> int:
-    store = _store(args)
-    name = store.canonical(args.name)
-    if name is None:
-        raise NotFoundError(f"No user named {args.name!r}: `users list` shows them.")
-    print(f"unlocked {name}" if store.clear_failures(name) else f"{name} was not locked")
-    return 0
-
-
-def _cmd_set_role(args: argparse.Namespace) -> int:
-    u = _store(args).set_role(args.name, args.role, force=args.force)
-    print(f"{u.name} is now {u.role}")
-    return 0
-
-
-def _cmd_passwd(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if store.get(args.name) is None:
-        raise NotFoundError(f"No user named {args.name!r}: `users list` shows them.")
-    u = store.set_password(args.name, None if args.no_password else read_password(args.password_stdin))
-    print(f"{u.name} now signs in with {u.sign_in}")
-    return 0
-
-
-def _cmd_remove(args: argparse.Namespace) -> int:
-    _store(args).remove(args.name, force=args.force)
-    print(f"removed {args.name}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``users add|list|set-role|passwd|unlock|remove`` to the ``python -m medart_core`` parser."""
-    up = subparsers.add_parser("users", help="who may sign in to the studio, and with which role")
-    usub = up.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-
-    def ws(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--workspace", "-w", default=None, help="workspace folder (default: $MEDART_HOME or ./workspace)")
-
-    def pw(p: argparse.ArgumentParser) -> None:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
-        g.add_argument("--no-password", action="store_true",
-                       help="no password: the user signs in through Hugging Face on a Space only")
-
-    p = usub.add_parser("add", help="add a user (the password is prompted for, or read with --password-stdin)")
-    p.add_argument("name")
-    p.add_argument("--role", choices=ROLES, required=True, help="; ".join(f"{r}: {d}" for r, d in ROLE_DOES.items()))
-    pw(p)
-    ws(p)
-    p.set_defaults(func=_cmd_add)
-
-    p = usub.add_parser("list", help="list users and their roles (never their password hashes)")
-    ws(p)
-    p.set_defaults(func=_cmd_list)
-
-    p = usub.add_parser("set-role", help="change a user's role (takes effect on their next click)")
-    p.add_argument("name")
-    p.add_argument("role", choices=ROLES)
-    p.add_argument("--force", action="store_true", help="allow demoting the last admin")
-    ws(p)
-    p.set_defaults(func=_cmd_set_role)
-
-    p = usub.add_parser("passwd", help="set a user's password (prompted for, or read with --password-stdin)")
-    p.add_argument("name")
-    pw(p)
-    ws(p)
-    p.set_defaults(func=_cmd_passwd)
-
-    p = usub.add_parser("unlock", help="clear a user's failed sign-ins (an account locks after "
-                        f"{LOCK_AFTER} in a row)")
-    p.add_argument("name")
-    ws(p)
-    p.set_defaults(func=_cmd_unlock)
-
-    p = usub.add_parser("remove", help="remove a user (refused from their next click on)")
-    p.add_argument("name")
-    p.add_argument("--force", action="store_true", help="allow removing the last admin while other users remain")
-    ws(p)
-    p.set_defaults(func=_cmd_remove)

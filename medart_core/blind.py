@@ -9,27 +9,29 @@ pair, and independent between reviewers, so a reviewer who has finished (and see
 the sources) cannot tell the others which side is which. A vote is resolved to its source when it is
 stored (``picked_source``, next to the ``shown_choice``), so results never depend on the order rule.
 
-Storage: ``W/reviews.sqlite`` (WAL): ``studies``, ``pairs`` and an append-only ``votes`` table guarded by
-triggers. ``pairs.swapped`` is the one study-wide order of databases made before the per-reviewer order; it
-is still written (the column is NOT NULL) and no longer read; their votes kept their resolved sources.
+Storage: ``W/reviews.sqlite``, a :class:`~medart_core.store.SqliteStore` (WAL, a connection per thread,
+schema version 1; files written before the store kept a version open as version 0): ``studies``, ``pairs``
+and an append-only ``votes`` table guarded by triggers. ``pairs.swapped`` is the one study-wide order of
+databases made before the per-reviewer order; it is still written (the column is NOT NULL) and no longer
+read; their votes kept their resolved sources.
 """
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from . import durable
+from .clock import utc_now
 from .constants import MAX_REVIEWER_CHARS
 from .errors import ConfigError, NotFoundError
 from .metrics import proportion_ci
 from .seeds import derive_seed
-from .workspace import Workspace, private_file
+from .store import SqliteStore
+from .workspace import Workspace
 
 MAX_TAG_CHARS = 40
 KINDS = ("checkpoints", "real-vs-synthetic")
@@ -72,31 +74,19 @@ def _shown_swapped(seed: int, position: int, reviewer: str) -> bool:
     return bool(derive_seed(seed, "blind-order", position, reviewer) % 2)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+class ReviewStore(SqliteStore):
+    """Studies, pairs and votes of ``W/reviews.sqlite``; safe to share between threads."""
 
-
-class ReviewStore:
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as con:
-            con.executescript(_SCHEMA)
+    SCHEMA_VERSION = 1
+    SCHEMA = _SCHEMA
+    MIGRATIONS = {0: _SCHEMA}      # files written before the version was kept: the same tables (IF NOT EXISTS)
+    DURABLE_SPEC = durable.REVIEWS
+    BUSY_MESSAGE = ("The blind-review database {path} is busy (another process held it for over {seconds} s); "
+                    "try again in a moment.")
 
     @classmethod
     def for_workspace(cls, ws: Workspace) -> "ReviewStore":
         return cls(ws.root / "reviews.sqlite")
-
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(private_file(self.path), timeout=30, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute("PRAGMA foreign_keys=ON")
-            yield con
-        finally:
-            con.close()
 
     # ---- studies ----------------------------------------------------------------------------------------
     def create_study(self, name: str, kind: str, source_a: str, source_b: str, images_a: Sequence[str],
@@ -119,16 +109,13 @@ class ReviewStore:
         # never lacks them; paths outside the workspace are not copied.
         durable.save_files((p, rel) for p in list(images_a) + list(images_b)
                            if (rel := durable.workspace_rel(self.path.parent, p)) is not None)
-        with self._conn() as con:
-            con.execute("BEGIN IMMEDIATE")
-            tx = durable.begin(durable.REVIEWS, con, self.path)     # None unless MEDART_DURABLE_DIR is set
+        with self.write() as con:
             try:
                 cur = con.execute("INSERT INTO studies(name, kind, source_a, source_b, seed, created_by, created_at,"
                                   " meta) VALUES (?,?,?,?,?,?,?,?)",
-                                  (name, kind, source_a, source_b, int(seed), created_by, _now(),
+                                  (name, kind, source_a, source_b, int(seed), created_by, utc_now(),
                                    json.dumps(meta or {})))
             except sqlite3.IntegrityError:
-                con.execute("ROLLBACK")
                 raise ConfigError(f"A study named {name!r} exists already; choose another name.") from None
             sid = int(cur.lastrowid)
             for i, (a, b) in enumerate(zip(images_a, images_b)):
@@ -136,13 +123,10 @@ class ReviewStore:
                 con.execute("INSERT INTO pairs(study_id, position, path_a, path_b, swapped, prompt) VALUES "
                             "(?,?,?,?,?,?)", (sid, i, str(a), str(b), swapped,
                                               None if prompts is None else str(prompts[i])))
-            entry = durable.collect(tx)
-            con.execute("COMMIT")
-            durable.record(entry)                # appended + fsynced to the durable folder before we return
         return sid
 
     def studies(self) -> list[dict[str, Any]]:
-        with self._conn() as con:
+        with self.read() as con:
             rows = con.execute("SELECT s.id, s.name, s.kind, s.source_a, s.source_b, s.created_at, "
                                "(SELECT COUNT(*) FROM pairs p WHERE p.study_id = s.id) FROM studies s ORDER BY s.id"
                                ).fetchall()
@@ -160,7 +144,7 @@ class ReviewStore:
     def next_pair(self, study: str, reviewer: str) -> ShownPair | None:
         """The first pair this reviewer has not voted on (None when done)."""
         reviewer = _check_reviewer(reviewer)
-        with self._conn() as con:
+        with self.read() as con:
             sid, _, _, _, seed = self._study(con, study)
             total = con.execute("SELECT COUNT(*) FROM pairs WHERE study_id = ?", (sid,)).fetchone()[0]
             row = con.execute("SELECT id, position, path_a, path_b, prompt FROM pairs WHERE study_id = ? "
@@ -191,33 +175,26 @@ class ReviewStore:
             raise ConfigError(f"choice must be 'left', 'right' or none, got {choice!r}.")
         if choice is None and tag is None:
             raise ConfigError("Pick the more realistic image or flag an artefact with a tag.")
-        with self._conn() as con:
-            con.execute("BEGIN IMMEDIATE")
-            tx = durable.begin(durable.REVIEWS, con, self.path)     # None unless MEDART_DURABLE_DIR is set
+        with self.write() as con:
             sid, _, _, _, seed = self._study(con, study)
             row = con.execute("SELECT position FROM pairs WHERE id = ? AND study_id = ?", (int(pair_id), sid)
                               ).fetchone()
             if row is None:
-                con.execute("ROLLBACK")
                 raise NotFoundError(f"Pair {pair_id} is not part of study {study!r}.")
             if con.execute("SELECT 1 FROM votes WHERE pair_id = ? AND reviewer = ?", (int(pair_id), reviewer)
                            ).fetchone():
-                con.execute("ROLLBACK")
                 raise ConfigError(f"{reviewer} has already voted on this pair; votes are final.")
             picked = None
             if choice is not None:
                 left_is_a = not _shown_swapped(seed, int(row[0]), reviewer)
                 picked = "a" if (choice == "left") == left_is_a else "b"
             con.execute("INSERT INTO votes(pair_id, reviewer, shown_choice, picked_source, tag, created_at) "
-                        "VALUES (?,?,?,?,?,?)", (int(pair_id), reviewer, choice, picked, tag, _now()))
-            entry = durable.collect(tx)
-            con.execute("COMMIT")
-            durable.record(entry)                # appended + fsynced to the durable folder before we return
+                        "VALUES (?,?,?,?,?,?)", (int(pair_id), reviewer, choice, picked, tag, utc_now()))
 
     # ---- results --------------------------------------------------------------------------------------------
     def results(self, study: str) -> dict[str, Any]:
         """Win rates of A and B with Wilson intervals, artefact tags per source, per-reviewer counts."""
-        with self._conn() as con:
+        with self.read() as con:
             sid, kind, src_a, src_b, _ = self._study(con, study)
             votes = con.execute("SELECT v.reviewer, v.picked_source, v.tag FROM votes v "
                                 "JOIN pairs p ON p.id = v.pair_id WHERE p.study_id = ?", (sid,)).fetchall()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import re
 import threading
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -342,7 +341,10 @@ def preview_redraft(store: "CaptionStore", dataset: str, states: Sequence["Capti
 
 
 def new_batch_id() -> str:
-    return "batch:" + uuid.uuid4().hex[:12]
+    """``batch:<12 hex>``, the caption store's batch id (one definition: :func:`medart_core.clock.new_batch_id`)."""
+    from .clock import new_batch_id as batch_id
+
+    return batch_id("batch")
 
 
 def apply_batch(store: "CaptionStore", changes: Sequence[BatchChange], *, reviewer: str,

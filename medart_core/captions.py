@@ -9,11 +9,12 @@ A ``state`` table caches the fold's result per image so the caption studio can l
 one query. It is written in the same transaction as the event that changes it, and
 :meth:`CaptionStore.rebuild_state` recomputes it from the log alone (the log is the source of truth).
 
-Concurrency: the studio is multi-threaded and training/captioning jobs run in other processes, so
-every connection is per thread and per process, the database runs in WAL mode (readers never block
-the writer), and each write is one short ``BEGIN IMMEDIATE`` transaction. Human writes carry the
-``expected_version`` the reviewer saw (the id of the image's latest event); if anything was written
-since, :class:`~medart_core.errors.ConflictError` is raised and nothing changes.
+Concurrency: the studio is multi-threaded and training/captioning jobs run in other processes, so the
+store is a :class:`~medart_core.store.SqliteStore`: every connection is per thread and per process, the
+database runs in WAL mode (readers never block the writer), and each write is one short ``BEGIN IMMEDIATE``
+transaction. Human writes carry the ``expected_version`` the reviewer saw (the id of the image's latest
+event); if anything was written since, :class:`~medart_core.errors.ConflictError` is raised and nothing
+changes.
 
 This module is storage only. Exports to and imports from other layouts (imagefolder, Med-Art CSV) live in
 :mod:`medart_core.interchange`; the review rules of the Captions tab in :mod:`medart_core.review`.
@@ -21,21 +22,18 @@ This module is storage only. Exports to and imports from other layouts (imagefol
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, NamedTuple, Sequence
+from pathlib import PurePosixPath
+from typing import Any, NamedTuple, Sequence
 
 from . import durable
+from .clock import new_batch_id, utc_now_ms
 from .constants import MAX_REVIEWER_CHARS
-from .errors import ConfigError, ConflictError, MedArtError, NotFoundError
+from .errors import ConfigError, ConflictError, NotFoundError
+from .store import SqliteStore
 from .userregex import compile_user_regex
-from .workspace import private_file, validate_name
+from .workspace import validate_name
 
 STATUSES = ("pending", "approved", "rejected", "needs-second-read")
 EVENT_KINDS = ("draft", "edit", "status", "comment", "restore")
@@ -196,10 +194,6 @@ def _fold(d: _Derived, ev_id: int, kind: str, text: str | None, status: str | No
 # ------------------------------------------------------------------------------------------------
 # Validation helpers
 # ------------------------------------------------------------------------------------------------
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def check_text(text: Any, what: str = "Caption") -> str:
     """``text`` as the store keeps it (LF newlines), or ConfigError naming ``what`` is wrong with it."""
     if not isinstance(text, str):
@@ -339,134 +333,28 @@ CREATE INDEX IF NOT EXISTS state_by_status ON state (status);
 # ------------------------------------------------------------------------------------------------
 # The store
 # ------------------------------------------------------------------------------------------------
-class CaptionStore:
-    """Caption store over one SQLite file; safe to share between threads and to open from many processes."""
+class CaptionStore(SqliteStore):
+    """Caption store over one SQLite file; safe to share between threads and to open from many processes.
+
+    ``close()`` closes the connections of every thread (the store refuses use afterwards); a pickled store
+    reopens the same file on the other side."""
+
+    SCHEMA_VERSION = SCHEMA_VERSION
+    SCHEMA = _SCHEMA
+    MIGRATIONS = {0: _SCHEMA}        # an unversioned file: the same tables (IF NOT EXISTS)
+    DURABLE_SPEC = durable.CAPTIONS
+    BUSY_TIMEOUT_MS = BUSY_TIMEOUT_MS
+    BUSY_MESSAGE = ("The caption database is busy (another process held it for over {seconds} s); try again "
+                    "in a moment.")
 
     # The rules every write applies, for code that vets rows before writing them (caption import, exports).
     check_text = staticmethod(check_text)
     check_status = staticmethod(check_status)
     check_source = staticmethod(check_source)
 
-    def __init__(self, db_path: str | os.PathLike):
-        self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._setup_locals()
-        self._init_schema()
-
     @classmethod
     def for_workspace(cls, ws) -> "CaptionStore":
         return cls(ws.captions_db)
-
-    # --- connections ----------------------------------------------------------------------------
-    def _setup_locals(self) -> None:
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
-        self._closed = False
-
-    def __getstate__(self) -> dict:
-        # Connections cannot cross processes: a pickled store reopens the same file on the other side.
-        return {"db_path": self.db_path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.db_path = state["db_path"]
-        self._setup_locals()
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError("This CaptionStore is closed.")
-        if os.getpid() != self._pid:
-            # Forked child: the parent's connections must not be used (or closed) here.
-            self._setup_locals()
-        con = getattr(self._local, "con", None)
-        if con is None:
-            # One connection per thread; check_same_thread=False only so close() may close them all.
-            con = sqlite3.connect(private_file(self.db_path), timeout=BUSY_TIMEOUT_MS / 1000,
-                                  isolation_level=None, check_same_thread=False)
-            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            con.execute("PRAGMA foreign_keys = ON")
-            con.execute("PRAGMA synchronous = FULL")   # reviewers' edits must survive a power cut
-            self._local.con = con
-            with self._lock:
-                self._conns.append(con)
-        return con
-
-    def close(self) -> None:
-        """Close every connection this store opened (in any thread). The store is unusable afterwards."""
-        with self._lock:
-            conns, self._conns = self._conns, []
-            self._closed = True
-        if os.getpid() == self._pid:
-            for con in conns:
-                try:
-                    con.close()
-                except sqlite3.Error:
-                    pass
-
-    def __enter__(self) -> "CaptionStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; IMMEDIATE takes the write lock up front, so the version check
-        and the insert see the same database (no other writer can slip in between)."""
-        con = self._conn()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise MedArtError(
-                    f"The caption database is busy (another process held it for over "
-                    f"{BUSY_TIMEOUT_MS // 1000} s); try again in a moment."
-                ) from e
-            raise
-        try:
-            tx = durable.begin(durable.CAPTIONS, con, self.db_path)   # None unless MEDART_DURABLE_DIR is set
-            yield con
-            entry = durable.collect(tx)          # this transaction's rows, read under the write lock
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        else:
-            con.execute("COMMIT")
-            durable.record(entry)                # appended + fsynced to the durable folder before we return
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read snapshot across several statements (WAL: never blocks, never blocked by the writer)."""
-        con = self._conn()
-        con.execute("BEGIN")
-        try:
-            yield con
-        finally:
-            if con.in_transaction:
-                con.execute("COMMIT")
-
-    def _init_schema(self) -> None:
-        con = self._conn()
-        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            # e.g. a network filesystem without shared memory; still correct, just less concurrent.
-            import warnings
-            warnings.warn(f"Caption store {self.db_path} could not use WAL mode (got {mode!r}); "
-                          "readers may wait for writers.", RuntimeWarning, stacklevel=3)
-        with self._write() as con:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{self.db_path} was written by a newer Med-Art Studio (schema {version}, this one "
-                    f"knows {SCHEMA_VERSION}); upgrade Med-Art Studio to open it."
-                )
-            if version < SCHEMA_VERSION:
-                for stmt in _SCHEMA.split(";\n"):
-                    if stmt.strip():
-                        con.execute(stmt)
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- datasets -------------------------------------------------------------------------------
     def create_dataset(self, name: str, *, modality: str = "generic", meta: dict | None = None) -> None:
@@ -474,28 +362,28 @@ class CaptionStore:
         if not isinstance(modality, str) or not modality.strip():
             raise ConfigError("Modality must be a non-empty text such as 'endoscopy' or 'generic'.")
         meta_json = _json(meta or {}, "Dataset metadata")
-        with self._write() as con:
+        with self.write() as con:
             if con.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
                 raise ConfigError(f"Dataset {name!r} already exists: pick another name or import into it.")
             con.execute("INSERT INTO datasets (name, modality, meta, created_at) VALUES (?, ?, ?, ?)",
-                        (name, modality, meta_json, _now()))
+                        (name, modality, meta_json, utc_now_ms()))
 
     def drop_empty_dataset(self, name: str) -> bool:
         """Remove a dataset that has no images (undoes a create whose first import failed); True if removed."""
-        with self._write() as con:
+        with self.write() as con:
             cur = con.execute("DELETE FROM datasets WHERE name = ? AND NOT EXISTS "
                               "(SELECT 1 FROM images WHERE dataset = ?)", (name, name))
             return cur.rowcount > 0
 
     def has_dataset(self, name: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
+        return self.conn().execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
 
     def _require_dataset(self, con: sqlite3.Connection, name: str) -> None:
         if not con.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
             raise NotFoundError(f"No dataset named {name!r}; import images first or pick one from the list.")
 
     def list_datasets(self) -> list[DatasetInfo]:
-        with self._read() as con:
+        with self.read() as con:
             rows = con.execute("SELECT name, modality, meta, created_at FROM datasets ORDER BY name").fetchall()
             counts: dict[str, dict[str, int]] = {}
             for ds, status, n in con.execute(
@@ -537,9 +425,9 @@ class CaptionStore:
                 draft = (check_text(text, f"Draft caption for {r.file_name!r}"), check_source(source))
             rows.append((r, _json(r.source or {}, f"Source of {r.file_name!r}"), draft))
         ids: list[int] = []
-        with self._write() as con:
+        with self.write() as con:
             self._require_dataset(con, dataset)
-            now = _now()
+            now = utc_now_ms()
             for r, source_json, draft in rows:
                 try:
                     cur = con.execute(
@@ -562,11 +450,11 @@ class CaptionStore:
         return ids
 
     def has_pixel_hash(self, dataset: str, pixel_hash: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM images WHERE dataset = ? AND pixel_hash = ?",
+        return self.conn().execute("SELECT 1 FROM images WHERE dataset = ? AND pixel_hash = ?",
                                     (dataset, pixel_hash)).fetchone() is not None
 
     def get_image(self, image_id: int) -> ImageRecord:
-        row = self._conn().execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,)).fetchone()
+        row = self.conn().execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"No image with id {image_id}; it may belong to a deleted or re-imported dataset.")
         return _image(row)
@@ -584,7 +472,7 @@ class CaptionStore:
     def list_images(self, dataset: str, *, offset: int = 0, limit: int | None = None,
                     label: str | None = None, status: str | None = None) -> list[ImageRecord]:
         where, args = self._image_where(dataset, label, status)
-        with self._read() as con:
+        with self.read() as con:
             self._require_dataset(con, dataset)
             rows = con.execute(
                 f"SELECT {', '.join('i.' + c.strip() for c in _IMAGE_COLS.split(','))} FROM images i "
@@ -594,13 +482,13 @@ class CaptionStore:
 
     def count_images(self, dataset: str, *, label: str | None = None, status: str | None = None) -> int:
         where, args = self._image_where(dataset, label, status)
-        with self._read() as con:
+        with self.read() as con:
             self._require_dataset(con, dataset)
             return con.execute(f"SELECT COUNT(*) FROM images i JOIN state s ON s.image_id = i.id WHERE {where}",
                                args).fetchone()[0]
 
     def labels(self, dataset: str) -> list[str]:
-        with self._read() as con:
+        with self.read() as con:
             self._require_dataset(con, dataset)
             return [r[0] for r in con.execute(
                 "SELECT DISTINCT label FROM images WHERE dataset = ? ORDER BY label", (dataset,))]
@@ -659,7 +547,7 @@ class CaptionStore:
                 f"{expected_version}, it is now {d.version}); nothing was saved. Reload the image, "
                 "check the current text, then apply your change again.",
                 expected=expected_version, actual=d.version, current_text=d.text)
-        now = _now()
+        now = utc_now_ms()
         ev_id = self._insert_event(con, image_id, kind, created_at=now, **fields)
         d = _fold(d, ev_id, kind, fields.get("text"), fields.get("status"), fields.get("reviewer"), now)
         self._write_state(con, image_id, d)
@@ -673,7 +561,7 @@ class CaptionStore:
         """Record a machine draft. It becomes the caption only while no human has written or approved one."""
         text = check_text(text, "Draft caption")
         fields = _draft_fields(source, prompt, params, seed, note, reviewer, batch_id)
-        with self._write() as con:
+        with self.write() as con:
             return self._append(con, image_id, "draft", text=text, **fields)
 
     def add_drafts(self, items: list[tuple[int, str]], *, source: str, prompt: str | None = None,
@@ -682,7 +570,7 @@ class CaptionStore:
         """Many drafts ``(image_id, text)`` in one transaction (captioning jobs write in chunks)."""
         checked = [(image_id, check_text(text, f"Draft caption for image {image_id}")) for image_id, text in items]
         fields = _draft_fields(source, prompt, params, seed, None, None, batch_id)
-        with self._write() as con:
+        with self.write() as con:
             return [self._append(con, image_id, "draft", text=text, **fields) for image_id, text in checked]
 
     def edit(self, image_id: int, text: str, *, reviewer: str, expected_version: int,
@@ -690,7 +578,7 @@ class CaptionStore:
         text = check_text(text)
         reviewer = _check_reviewer(reviewer)
         expected_version = _check_version(expected_version)
-        with self._write() as con:
+        with self.write() as con:
             return self._append(con, image_id, "edit", text=text, reviewer=reviewer, batch_id=batch_id,
                                 expected_version=expected_version)
 
@@ -701,7 +589,7 @@ class CaptionStore:
         expected_version = _check_version(expected_version)
         if note is not None:
             note = check_text(note, "Note")
-        with self._write() as con:
+        with self.write() as con:
             return self._append(con, image_id, "status", status=status, reviewer=reviewer, note=note,
                                 batch_id=batch_id, expected_version=expected_version)
 
@@ -715,7 +603,7 @@ class CaptionStore:
         if not text.strip():
             raise ConfigError("A comment cannot be empty.")
         reviewer = _check_reviewer(reviewer)
-        with self._write() as con:
+        with self.write() as con:
             return self._append(con, image_id, "comment", text=text, reviewer=reviewer)
 
     def restore(self, image_id: int, event_id: int, *, reviewer: str, expected_version: int,
@@ -723,7 +611,7 @@ class CaptionStore:
         """Make an earlier caption text (draft, edit or restore ``event_id``) current again, as a new event."""
         reviewer = _check_reviewer(reviewer)
         expected_version = _check_version(expected_version)
-        with self._write() as con:
+        with self.write() as con:
             row = con.execute("SELECT image_id, kind, text FROM events WHERE id = ?", (event_id,)).fetchone()
             if row is None or row[0] != image_id:
                 raise NotFoundError(f"Image {image_id} has no event {event_id}; pick one from its history.")
@@ -755,7 +643,7 @@ class CaptionStore:
 
     def _many(self, items: list[tuple[int, int, dict]], reviewer: str, batch_id: str | None) -> BatchResult:
         result = BatchResult(batch_id or self.new_batch_id())
-        with self._write() as con:
+        with self.write() as con:
             for image_id, expected, fields in items:
                 kind = fields.pop("kind")
                 try:
@@ -770,7 +658,7 @@ class CaptionStore:
     # --- reads ----------------------------------------------------------------------------------
     def history(self, image_id: int) -> list[CaptionEvent]:
         """Every event of one image, oldest first."""
-        with self._read() as con:
+        with self.read() as con:
             if con.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
                 raise NotFoundError(f"No image with id {image_id}; reload the dataset list.")
             return [_event(r) for r in con.execute(
@@ -790,12 +678,12 @@ class CaptionStore:
                             label=r[1], file_name=r[2])
 
     def current(self, image_id: int) -> CaptionState:
-        con = self._conn()
+        con = self.conn()
         row = con.execute(self._STATES_SQL + " WHERE i.id = ?", (image_id,)).fetchone()
         if row is None:
             if con.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
                 raise NotFoundError(f"No image with id {image_id}; reload the dataset list.")
-            with self._write() as wcon:     # rare: image without a cache row: derive it from the log
+            with self.write() as wcon:     # rare: image without a cache row: derive it from the log
                 self._load_state(wcon, image_id)
             row = con.execute(self._STATES_SQL + " WHERE i.id = ?", (image_id,)).fetchone()
         return self._state_from_row(row)
@@ -814,7 +702,7 @@ class CaptionStore:
         # A user's pattern: time-limited (medart_core.userregex), so it cannot hold a request or the GIL.
         pattern = compile_user_regex(text_regex) if text_regex else None
         needle = text_contains.casefold() if text_contains else None
-        with self._read() as con:
+        with self.read() as con:
             self._require_dataset(con, dataset)
             rows = con.execute(self._STATES_SQL + f" WHERE {where} ORDER BY i.id", args).fetchall()
         if needle is not None:
@@ -827,7 +715,7 @@ class CaptionStore:
     # --- maintenance ----------------------------------------------------------------------------
     def rebuild_state(self) -> int:
         """Recompute the derived cache from the event log alone; returns the number of images."""
-        with self._write() as con:
+        with self.write() as con:
             con.execute("DELETE FROM state")
             per_image: dict[int, _Derived] = {i: _Derived() for (i,) in con.execute("SELECT id FROM images")}
             for ev_id, image_id, kind, text, status, reviewer, created_at in con.execute(
@@ -838,9 +726,7 @@ class CaptionStore:
         return len(per_image)
 
     # --- batches --------------------------------------------------------------------------------
-    @staticmethod
-    def new_batch_id(kind: str = "batch") -> str:
-        return f"{kind}:{uuid.uuid4().hex[:12]}"
+    new_batch_id = staticmethod(new_batch_id)
 
     def undo_batch(self, batch_id: str, *, reviewer: str) -> UndoReport:
         """Put every image touched by ``batch_id`` back to its text and status from before the batch.
@@ -850,8 +736,8 @@ class CaptionStore:
         form a batch of their own (``report.undo_batch_id``), so an undo can itself be undone.
         """
         reviewer = _check_reviewer(reviewer)
-        report = UndoReport(batch_id, undo_batch_id=f"undo:{uuid.uuid4().hex[:12]}")
-        with self._write() as con:
+        report = UndoReport(batch_id, undo_batch_id=new_batch_id("undo"))
+        with self.write() as con:
             spans = con.execute("SELECT image_id, MIN(id), MAX(id) FROM events WHERE batch_id = ? "
                                 "GROUP BY image_id ORDER BY image_id", (batch_id,)).fetchall()
             if not spans:

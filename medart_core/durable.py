@@ -6,8 +6,8 @@ storage bucket (a network filesystem), and SQLite in WAL mode must not live on a
 shared-memory index and locks need one kernel). So the databases stay on local disk and the durable folder
 (``MEDART_DURABLE_DIR``) receives a copy of each write on its way out:
 
-* **The write path.** The caption store, the blind-review store and the job ledger (and the users table, once
-  ``accounts.py`` calls them: :data:`USERS`) call three hooks in their one write transaction::
+* **The write path.** Each store (captions, blind reviews, the job ledger, the users table: :data:`USERS`) calls
+  three hooks in its one write transaction; :meth:`medart_core.store.SqliteStore.write` does it for them::
 
       con.execute("BEGIN IMMEDIATE")
       tx = durable.begin(durable.CAPTIONS, con, db_path)   # under the write lock: remember MAX(id) per table
@@ -126,7 +126,7 @@ CAPTIONS = Spec("captions", "captions.sqlite", small=(("datasets", "name"),),
 REVIEWS = Spec("reviews", "reviews.sqlite", append_only=(("studies", "id"), ("pairs", "id"), ("votes", "id")))
 JOBS = Spec("jobs", "jobs.sqlite", snapshot=("jobs", "id", "job_events", "job_id"),
             append_only=(("job_events", "id"),))
-# The users table (accounts.py) once its UserStore._write calls the three hooks: roles and removals survive too.
+# The users table (accounts.py): roles and removals survive too (lockouts are never logged).
 USERS = Spec("users", "users.sqlite", small=(("users", "name"),), mutable=("users",))
 SPECS = (CAPTIONS, REVIEWS, JOBS, USERS)
 

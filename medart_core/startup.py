@@ -33,6 +33,7 @@ def prepare_workspace(ws: Workspace) -> durable.StartupReport:
     if wsr in root.resolve().parents:
         raise ConfigError(f"{durable.ENV_VAR}={root} is inside the workspace {ws.root}, so it is lost with it: "
                           "point it at the mounted storage bucket.")
+    from .accounts import UserStore
     from .blind import ReviewStore
     from .captions import CaptionStore
     from .jobs import JobLedger
@@ -42,17 +43,13 @@ def prepare_workspace(ws: Workspace) -> durable.StartupReport:
         durable.CAPTIONS: lambda: CaptionStore.for_workspace(ws).close(),
         durable.REVIEWS: lambda: ReviewStore.for_workspace(ws),
         durable.JOBS: lambda: JobLedger.for_workspace(ws).close()}
-    try:
-        from .accounts import UserStore
 
-        def open_users() -> None:
-            users = UserStore.for_workspace(ws)
-            users._con()           # creates the table
-            users.close()
+    def open_users() -> None:
+        users = UserStore.for_workspace(ws)
+        users.conn()           # creates the table
+        users.close()
 
-        openers[durable.USERS] = open_users
-    except ImportError:            # a build without accounts
-        pass
+    openers[durable.USERS] = open_users
     for spec, open_schema in openers.items():
         if durable.has_log(spec, root) or (Path(ws.root) / spec.db_name).exists():
             open_schema()

@@ -112,3 +112,66 @@ def test_library_module_has_docstring_and_no_ui(name):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             assert not any(n.split(".")[0] in ("gradio", "studio") for n in names), f"{path} imports UI code"
+
+
+# ---- jobs: one door, small modules, no stage imported by the machinery -------------------------------------
+ROOT = PKG.parent
+_LEDGER_MODULES = ("medart_core.jobs.ledger",)
+
+
+def _ledger_uses(path: Path) -> list[str]:
+    """Where a module names ``JobLedger`` or imports the ledger module, or reaches an executor's ``.ledger``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if any(a.name == "JobLedger" for a in node.names) or mod.endswith("jobs.ledger") or (
+                    mod.endswith("jobs") and any(a.name == "ledger" for a in node.names)):
+                found.append(f"line {node.lineno}: from {mod} import ...")
+        elif isinstance(node, ast.Import) and any(a.name in _LEDGER_MODULES for a in node.names):
+            found.append(f"line {node.lineno}: import of the ledger module")
+        elif isinstance(node, ast.Name) and node.id == "JobLedger":
+            found.append(f"line {node.lineno}: JobLedger")
+        elif isinstance(node, ast.Attribute) and node.attr in ("JobLedger", "ledger"):
+            found.append(f"line {node.lineno}: .{node.attr}")
+    return found
+
+
+def _doors() -> list[Path]:
+    """The studio's modules and the CLI's: they reach jobs through the Executor only."""
+    return sorted((ROOT / "studio").rglob("*.py")) + [PKG / "cli.py"] + sorted((PKG / "commands").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _doors(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_studio_and_cli_reach_jobs_through_the_executor_only(path):
+    uses = _ledger_uses(path)
+    assert not uses, (f"{path.relative_to(ROOT)} uses the job ledger directly ({'; '.join(uses)}); go through "
+                      "the Executor (medart_core.jobs.Executor), the only door to jobs")
+
+
+def test_ledger_use_finder_finds_uses(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("from medart_core.jobs import JobLedger, LocalExecutor\nx = LocalExecutor(ws).ledger.get('a')\n")
+    assert len(_ledger_uses(p)) == 2
+    p.write_text("from medart_core.jobs import LocalExecutor\nx = LocalExecutor(ws).get('a')\n")
+    assert _ledger_uses(p) == []
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "jobs").glob("*.py")), ids=lambda p: p.name)
+def test_job_modules_stay_small(path):
+    n = len(path.read_text(encoding="utf-8").splitlines())
+    assert n <= 600, f"{path.relative_to(ROOT)} has {n} lines; split it by role (at most 600 a module)"
+
+
+def test_job_machinery_imports_no_stage_module():
+    # The generic machinery knows the stages' kinds by name only (medart_core.job_registry).
+    allowed = {"medart_core.errors", "medart_core.workspace", "medart_core.durable", "medart_core.fileio",
+               "medart_core.job_registry", "medart_core.store"}
+    graph = _graph()
+    for name, deps in graph.items():
+        if not (name == "medart_core.jobs" or name.startswith("medart_core.jobs.")):
+            continue
+        extra = {d for d in deps if not d.startswith("medart_core.jobs")} - allowed
+        if name == "medart_core.jobs.__main__":
+            extra -= {"medart_core.cli"}     # forwards anything but `_run` to the one command line
+        assert not extra, f"{name} imports {sorted(extra)}; the job machinery must not import a stage module"

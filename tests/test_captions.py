@@ -243,7 +243,7 @@ def test_schema_pragmas(store, img):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA user_version").fetchone()[0] >= 1
     con.close()
-    thread_con = store._conn()
+    thread_con = store.conn()
     assert thread_con.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert thread_con.execute("PRAGMA busy_timeout").fetchone()[0] >= 10_000
 

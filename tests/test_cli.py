@@ -73,3 +73,83 @@ def test_caption_without_backbone_weights_says_which_flag_to_set(tmp_path):
     assert "--backbone tiny" in env_run.stderr and "Traceback" not in env_run.stderr
     ok = run("caption", "--workspace", str(ws), "--dataset", "kv", "--drafter", "template", "--backbone", "tiny")
     assert ok.returncode == 0 and "1 drafted" in ok.stdout, ok.stdout + ok.stderr
+
+
+HEAVY = ("torch", "diffusers", "transformers", "gradio")
+STAGES = ("train", "train_job", "vsg", "generate", "evaluate", "ablation", "demo_backbone", "accounts", "data",
+          "captions", "backbone", "blind")
+_HELP_PROBE = """
+import contextlib, io, json, sys
+from medart_core.cli import COMMANDS, build_parser
+
+parser = build_parser()
+argvs = [[c.name, "--help"] for c in COMMANDS] + [["--help"], ["jobs", "submit", "train", "--help"],
+         ["jobs", "submit", "sleep", "--help"], ["jobs", "list", "--help"], ["users", "add", "--help"],
+         ["demo-backbone", "build", "--help"]]
+codes = []
+for argv in argvs:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            codes.append(e.code)
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_help_imports_no_heavy_library_and_no_stage_module():
+    # A stage module may import torch at its top: the parser and every `CMD --help` must not need it.
+    out = subprocess.run([sys.executable, "-c", _HELP_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert set(d["codes"]) == {0}
+    heavy = [m for m in d["modules"] if m.split(".")[0] in HEAVY]
+    assert not heavy, f"building the parser imported {heavy[:5]}"
+    stages = [m for m in d["modules"] if m in {f"medart_core.{s}" for s in STAGES}]
+    assert not stages, f"building the parser imported stage modules {stages}; import them in the handlers"
+
+
+def test_help_and_jobs_help_answer():
+    for argv in (("--help",), ("jobs", "--help"), ("jobs", "submit", "--help")):
+        out = run(*argv)
+        assert out.returncode == 0 and "usage: python -m medart_core" in out.stdout, out.stderr
+    assert "train" in run("jobs", "submit", "--help").stdout and "sleep" in run("jobs", "submit", "--help").stdout
+    assert run("no-such-command").returncode == 2
+
+
+def test_cli_mirrors_of_stage_values_agree_with_the_stages():
+    from medart_core import ablation, accounts, generate, vsg
+    from medart_core.commands import ablation as c_ablation
+    from medart_core.commands import caption as c_caption
+    from medart_core.commands import generate as c_generate
+    from medart_core.commands import users as c_users
+
+    assert (c_caption.DRAFTERS, c_caption.DEFAULT_VLM, c_caption.DEFAULT_SHORTENER, c_caption.DEFAULT_MAX_RETRIES,
+            c_caption.DEFAULT_BACKBONE_SPEC) == (vsg.DRAFTERS, vsg.DEFAULT_VLM, vsg.DEFAULT_SHORTENER,
+                                                 vsg.DEFAULT_MAX_RETRIES, vsg.DEFAULT_BACKBONE_SPEC)
+    assert (c_generate.BASE, c_generate.SEED_RULE) == (generate.BASE, generate.SEED_RULE)
+    assert (c_users.ROLES, c_users.ROLE_DOES, c_users.LOCK_AFTER) == (accounts.ROLES, accounts.ROLE_DOES,
+                                                                      accounts.LOCK_AFTER)
+    assert sorted(c_ablation.PRESET_NAMES) == sorted(ablation.PRESETS)
+    assert c_ablation.ROW_NAMES == ablation.ROW_NAMES
+
+
+def test_one_workspace_option_and_one_table():
+    import argparse
+
+    from medart_core.cli import COMMANDS, build_parser
+
+    names = [c.name for c in COMMANDS]
+    assert len(names) == len(set(names))
+
+    def leaves(p: argparse.ArgumentParser, path=()):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, p
+        for s in subs:
+            for name, child in s.choices.items():
+                yield from leaves(child, path + (name,))
+
+    for path, p in leaves(build_parser()):
+        ws = [a for a in p._actions if "--workspace" in a.option_strings]
+        assert len(ws) == 1 and ws[0].option_strings == ["--workspace", "-w"] and ws[0].default is None, path

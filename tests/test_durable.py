@@ -144,7 +144,7 @@ def test_off_without_the_variable(ws, store, tmp_path, monkeypatch):
     rep = import_images(ws, store, make_pngs(tmp_path / "src", 2), "d")
     i = rep.imported[0][1]
     store.edit(i, "x", reviewer="r", expected_version=store.current(i).version)
-    assert durable.begin(durable.CAPTIONS, store._conn(), store.db_path) is None
+    assert durable.begin(durable.CAPTIONS, store.conn(), store.db_path) is None
     assert durable.collect(None) is None and durable.record(None) is None
     assert durable.save_files([(tmp_path / "nope", "x")]) == 0          # not even opened
     assert not any(p.name.endswith("-durable") for p in ws.root.iterdir())   # no marker either
@@ -488,7 +488,7 @@ def test_roles_and_removals_survive_and_the_local_store_wins_for_mutable_rows(tm
 
     ws = Workspace.open(tmp_path / "ws")
     users = UserStore.for_workspace(ws)
-    users._con()
+    users.conn()
     users.close()
     db = ws.root / "users.sqlite"
     add = "INSERT INTO users (name, role, created_at, updated_at) VALUES (?, ?, 'now', 'now')"

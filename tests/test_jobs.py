@@ -1,4 +1,4 @@
-"""Jobs with real processes, no mocks: a supervisor subprocess (``python -m medart_core.jobs worker``) runs real
+"""Jobs with real processes, no mocks: a supervisor subprocess (``python -m medart_core worker``) runs real
 ``train`` jobs (tiny backbone, 32 px) and cheap ``sleep`` jobs; the tests stop, SIGTERM, SIGKILL and SIGSTOP
 them, kill the supervisor itself, and check the ledger, the checkpoints and the final adapter tensors.
 
@@ -45,7 +45,7 @@ class Procs:
 
     def supervisor(self, *args: str) -> subprocess.Popen:
         log = open(self.tmp / f"supervisor-{len(self.sups)}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "medart_core.jobs", "worker", "--workspace", str(self.ws.root),
+        p = subprocess.Popen([sys.executable, "-m", "medart_core", "worker", "--workspace", str(self.ws.root),
                               "--poll", "0.2", *args], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         log.close()
@@ -186,7 +186,9 @@ def test_submit_validates_before_queueing(ws, ledger, mini):
 
 def test_failure_messages_name_the_cause():
     from medart_core.errors import MissingWeightsError, TrainingDivergedError
-    from medart_core.jobs import _is_cuda_oom, _oom_message, describe_failure
+    from medart_core.jobs import describe_failure
+    from medart_core.jobs import is_cuda_oom as _is_cuda_oom
+    from medart_core.train_job import _oom_message
     from medart_core.train import TrainConfig
 
     cfg = TrainConfig.from_preset("paper", batch_size=4)
@@ -248,6 +250,7 @@ def test_one_supervisor_per_workspace_and_reconcile_at_start(ws, ledger, procs):
 
     first = procs.supervisor()
     assert ensure_supervisor(ws) == first.pid                     # no second one spawned
+    # the entry point of older versions (`python -m medart_core.jobs worker`) still reaches the one CLI
     second = subprocess.run([sys.executable, "-m", "medart_core.jobs", "worker", "--workspace", str(ws.root)],
                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert second.returncode == 0 and "another supervisor" in second.stdout
@@ -450,3 +453,54 @@ def test_cli_submit_list_stop_resume_logs(ws, mini):
     assert logs.returncode == 0
     missing = _cli(ws, "jobs", "show", "nope")
     assert missing.returncode == 2 and "No job 'nope'" in missing.stderr
+
+
+# =========================================================================================================
+# Rows written by older versions, and the roles' public ledger APIs
+# =========================================================================================================
+def test_targets_of_older_versions_resolve_to_the_new_homes():
+    from medart_core import train_job
+    from medart_core.jobs import resolve_target, run_sleep_job
+
+    assert resolve_target("medart_core.jobs:run_train_job") is train_job.run_train_job
+    assert resolve_target("medart_core.jobs:prepare_train") is train_job.prepare_train
+    assert resolve_target("medart_core.jobs:run_sleep_job") is run_sleep_job
+    assert resolve_target("medart_core.train_job:run_train_job") is train_job.run_train_job
+
+
+def test_kinds_are_registered_by_name_and_the_job_machinery_imports_no_stage():
+    code = ("import json, sys, medart_core.jobs as j; k = j.job_kinds(); print(json.dumps({'kinds': sorted(k), "
+            "'train': k['train'].target, 'loaded': sorted(m for m in sys.modules if m.startswith('medart_core'))}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["kinds"] == ["ablation", "evaluate", "generate", "sleep", "train"]
+    assert d["train"] == "medart_core.train_job:run_train_job"
+    for stage in ("train", "train_job", "evaluate", "generate", "ablation", "vsg", "data", "captions", "commands"):
+        assert f"medart_core.{stage}" not in d["loaded"], f"importing medart_core.jobs loaded medart_core.{stage}"
+
+
+def test_an_interrupted_job_message_ends_with_its_kinds_resume_hint(ws, ledger, mini):
+    from medart_core.jobs import resume_hint
+
+    train = _train_job(ledger, "hint")
+    sleep = ledger.submit("sleep", {"seconds": 0.1, "steps": 2})
+    assert resume_hint(train) == "; resume continues from the last checkpoint."
+    assert resume_hint(sleep) == "; resume starts a new attempt."
+
+
+@pytest.mark.slow
+def test_a_row_of_an_older_version_resumes_to_done(ws, ledger, procs, mini):
+    job = _train_job(ledger, "old", max_steps=2)
+    assert ledger.request_stop(job.id).state == "stopped"       # queued -> stopped, as an old ledger may hold it
+    con = sqlite3.connect(ws.jobs_db)
+    with con:
+        con.execute("UPDATE jobs SET target = ? WHERE id = ?", ("medart_core.jobs:run_train_job", job.id))
+    con.close()
+    assert ledger.get(job.id).target == "medart_core.jobs:run_train_job"
+    ledger.resume(job.id)
+    procs.supervisor()
+    job = _wait(ledger, job.id, _done, 180, "done", procs)
+    assert (job.state, job.attempt, job.result["step"]) == ("done", 2, 2), ledger.error_report(job)
+    assert (ws.run_layout("old").checkpoint(2) / "adapters.safetensors").is_file()

@@ -9,7 +9,7 @@ import pytest
 from medart_core.errors import ConfigError
 from medart_core.hldf import HLDFConfig
 from medart_core.lora import LoRAConfig
-from medart_core.train import add_train_arguments, config_from_args
+from medart_core.commands.train import add_train_arguments, config_from_args
 from medart_core.train_config import TrainConfig, merge_config
 
 
