@@ -9,10 +9,13 @@ tensors and RNG states are safetensors, everything else JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -320,3 +323,78 @@ def load_adapter_tensors(backbone: Any, flat: dict[str, "torch.Tensor"]) -> None
         nested.setdefault(part, {})[key] = v
     load_lora_state_dict(backbone, nested)
 
+
+
+# =========================================================================================================
+# Metrics log, read incrementally (the reader beside its writer, MetricsLog)
+# =========================================================================================================
+@dataclass
+class MetricsSeries:
+    """What a reader has taken from one ``metrics.jsonl`` so far: the train and validation series, the last
+    figures (``step``, ``loss``, ``images_per_s``, ``peak_mem_mb``, ``val_loss``, ``validation_grid``), and a
+    ``version`` that changes whenever new points arrive (or the file was rewritten)."""
+
+    inode: int = -1
+    offset: int = 0
+    step: list[int] = field(default_factory=list)
+    latent: list[float | None] = field(default_factory=list)
+    color: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+
+    def add(self, r: dict[str, Any]) -> None:
+        """One parsed line of the log."""
+        step = int(r.get("step", 0))
+        if "val_loss" in r:
+            # A run with no held-out images (val_images=0) logs its grids with val_loss null.
+            v = r["val_loss"]
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.val.append((step, float(v)))
+            self.last["val_loss"], self.last["validation_grid"] = v, r.get("validation_grid")
+            return
+        if "loss_latent" in r:
+            self.step.append(step)
+            self.latent.append(r.get("loss_latent"))
+            if "loss_color" in r:
+                self.color.append((step, float(r["loss_color"])))
+            self.last.update({k: r.get(k) for k in ("step", "loss", "images_per_s", "peak_mem_mb")})
+
+
+class MetricsFollower:
+    """``runs/<run>/metrics.jsonl`` read from where the last call stopped, shared by every reader of a process
+    (the file is append-only while a run trains; a resume rewrites it, which a new inode or a shorter file
+    reveals, and it is then re-read). A call with nothing new costs one ``stat``."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, MetricsSeries] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> MetricsSeries:
+        key = str(path)
+        with self._lock:
+            s = self._runs.setdefault(key, MetricsSeries())
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                if s.offset:
+                    self._runs[key] = s = MetricsSeries(version=s.version + 1)
+                return s
+            if st.st_ino != s.inode or st.st_size < s.offset:
+                s = self._runs[key] = MetricsSeries(inode=st.st_ino, version=s.version + 1)
+            if st.st_size == s.offset:
+                return s
+            with open(path, "rb") as f:
+                f.seek(s.offset)
+                chunk = f.read(st.st_size - s.offset)
+            end = chunk.rfind(b"\n") + 1          # a torn last line waits for the next call
+            if end == 0:
+                return s
+            s.offset += end
+            for line in chunk[:end].splitlines():
+                try:
+                    s.add(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            s.version += 1
+            return s

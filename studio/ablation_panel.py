@@ -10,10 +10,11 @@ import gradio as gr
 from medart_core import ablation as A
 from medart_core.constants import DEMO_LABEL
 from medart_core.errors import ConfigError
-from medart_core.jobs import ACTIVE, QUEUED, Job, JobLedger, LocalExecutor
+from medart_core.jobs import Job
 
 from .context import StudioContext
 from .errors import user_errors
+from .job_panel import JobPanel, only
 from .render import esc
 
 PRESET_CHOICES = [("mini — 6 rows + reference x 4 seeds, ~23 min on 2 CPU cores", "mini"),
@@ -55,26 +56,25 @@ def show_ablation(ctx: StudioContext, name: str | None) -> tuple[str, Any, list[
 def submit_ablation(ctx: StudioContext, owner: str | None, preset: str | None) -> Job:
     if preset not in A.PRESETS:
         raise ConfigError(f"Choose a preset: {', '.join(sorted(A.PRESETS))}.")
-    return LocalExecutor(ctx.ws).submit("ablation", {"preset": preset}, owner=owner)
+    return ctx.executor.submit("ablation", {"preset": preset}, owner=owner)
 
 
 def job_text(ctx: StudioContext, job_id: str | None) -> tuple[str, bool]:
     """The job's status line and whether it is still queued or running."""
-    if not job_id:
-        return "", False
-    led = JobLedger(ctx.ws)
-    try:
-        job = led.get(job_id)
-    finally:
-        led.close()
-    text = f"<b>{esc(job.id)}</b> — {esc(job.progress_text())}"
-    if job.is_final and job.state != "done":
-        text += f" — {esc(job.error or job.state)}"
-    return text, job.state in (QUEUED,) + ACTIVE
+    v = JobPanel(ctx, kind="ablation", api="ablation").view(job_id)
+    return v.text, v.active
 
 
 def build_ablation_panel(ctx: StudioContext, tab: Any = None) -> dict[str, Any]:
     """Lay the panel out in the current Blocks context; ``tab`` (its ``gr.Tab``) refreshes it when selected."""
+    panel = JobPanel(ctx, kind="ablation", api="ablation")
+    c = render_ablation_panel(panel)
+    listen_ablation_panel(ctx, c, panel, tab)
+    return c
+
+
+def render_ablation_panel(panel: JobPanel) -> dict[str, Any]:
+    """The layout: saved ablations, the overview and every cell, then the preset and its job."""
     c: dict[str, Any] = {}
     gr.Markdown(INTRO)
     with gr.Row():
@@ -89,10 +89,13 @@ def build_ablation_panel(ctx: StudioContext, tab: Any = None) -> dict[str, Any]:
     with gr.Row():
         c["preset"] = gr.Dropdown(PRESET_CHOICES, value="mini", label="Preset", scale=3)
         c["run"] = gr.Button("Run as a job", variant="primary", scale=1)
-    c["job"] = gr.Textbox(visible=False)
-    c["status"] = gr.HTML()
-    timer = gr.Timer(2.0, active=False)
+    panel.render(show_job=False)
+    c["job"], c["status"], c["timer"] = panel.job, panel.status, panel.timer
+    return c
 
+
+def listen_ablation_panel(ctx: StudioContext, c: dict[str, Any], panel: JobPanel, tab: Any = None) -> None:
+    """The events: list and show saved ablations, run one as a job, follow it until it is done."""
     @user_errors
     def on_refresh(cur):
         choices = ablation_choices(ctx)
@@ -107,21 +110,20 @@ def build_ablation_panel(ctx: StudioContext, tab: Any = None) -> dict[str, Any]:
     c["which"].input(user_errors(lambda name: show_ablation(ctx, name)), c["which"], out[1:],
                      api_name="ablation_show")
 
+    run_out = [c["job"], c["status"], c["timer"]]
+
     @user_errors
     def on_run(request: gr.Request, preset):
         job = submit_ablation(ctx, ctx.reviewer_for(request, None), preset)
-        text, _ = job_text(ctx, job.id)
-        return job.id, text, gr.Timer(active=True)
+        return only(panel.updates(panel.view(job)), run_out)
 
-    c["run"].click(on_run, c["preset"], [c["job"], c["status"], timer], api_name="ablation_run", concurrency_limit=2)
+    c["run"].click(on_run, c["preset"], run_out, api_name="ablation_run", concurrency_limit=2)
 
-    @user_errors
-    def on_tick(job_id, cur):
-        text, active = job_text(ctx, job_id)
-        if active:
-            return text, gr.Timer(active=True), gr.Dropdown(), gr.Markdown(), gr.Image(), gr.Gallery()
-        return (text, gr.Timer(active=False), *on_refresh(cur))
+    def on_tick(job_id, cur) -> dict[Any, Any]:
+        v = panel.view(job_id)
+        shown = panel.updates(v)
+        if v.active:
+            return shown
+        return {**shown, **dict(zip(out, on_refresh(cur)))}     # done: the finished table and its strips
 
-    timer.tick(on_tick, [c["job"], c["which"]], [c["status"], timer, *out], api_name="ablation_status",
-               show_progress="hidden")
-    return c
+    panel.listen(on_tick, [c["which"]], [c["status"], c["timer"], *out], tick={"concurrency_limit": "default"})

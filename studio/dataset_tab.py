@@ -24,6 +24,7 @@ from medart_core.errors import ConfigError
 from .auth import requires
 from .context import StudioContext
 from .errors import user_errors
+from .forms import bind, inputs_of
 
 PAGE_SIZE = 24
 ALL_CLASSES = "(all classes)"
@@ -105,136 +106,185 @@ def _one_line(text: str | None, n: int = 90) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
-# ---- layout ---------------------------------------------------------------------------------------------
+# ---- events: what Gradio calls, as functions of (ctx, inputs) ------------------------------------------------
 
-def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
-    """Lay out the tab inside the current ``gr.Tab`` context and wire its events."""
-    banner = gr.Markdown(elem_id="ds-banner")          # filled by the guarded page load
+def refresh_all(ctx: StudioContext, current: str | None) -> tuple:
+    """Banner, dataset list (``current`` kept if it still exists), classes and the first page (REFRESH_OUT)."""
+    choices = dataset_choices(ctx)
+    value = current if current in choices else (choices[0] if choices else None)
+    items, page_ids, text, p = page_view(ctx, value, ALL_CLASSES, 1)
+    return (workspace_banner(ctx), gr.Dropdown(choices=choices, value=value),
+            gr.Dropdown(choices=class_choices(ctx, value), value=ALL_CLASSES), p, items, page_ids, text)
+
+
+# The outputs of refresh_all, and of a page change (PAGE_OUT) and an image's detail (DETAIL_OUT), by name.
+REFRESH_OUT = ["banner", "dataset", "class", "page", "gallery", "ids", "summary"]
+PAGE_OUT = ["page", "gallery", "ids", "summary"]
+DETAIL_OUT = ["image", "head", "caption", "provenance", "history"]
+
+
+@user_errors
+def on_refresh(ctx: StudioContext, current: str | None) -> tuple:
+    return refresh_all(ctx, current)
+
+
+@user_errors
+def on_dataset(ctx: StudioContext, dataset: str | None) -> tuple:
+    items, page_ids, text, p = page_view(ctx, dataset, ALL_CLASSES, 1)
+    return gr.Dropdown(choices=class_choices(ctx, dataset), value=ALL_CLASSES), p, items, page_ids, text
+
+
+@user_errors
+def on_page(ctx: StudioContext, dataset: str | None, label: str | None, p: int | float | None,
+            delta: int = 0) -> tuple:
+    items, page_ids, text, p = page_view(ctx, dataset, label, int(p or 1) + delta)
+    return p, items, page_ids, text
+
+
+@user_errors
+def on_select(ctx: StudioContext, page_ids: list[int], evt: gr.SelectData) -> tuple:
+    idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+    if idx is None or idx >= len(page_ids):
+        return None, "", "", "", ""
+    return image_detail(ctx, page_ids[idx])
+
+
+@user_errors
+def on_class(ctx: StudioContext, dataset: str | None, label: str | None) -> tuple:
+    return on_page(ctx, dataset, label, 1)
+
+
+@user_errors
+def on_prev(ctx: StudioContext, dataset: str | None, label: str | None, p: int | float | None) -> tuple:
+    return on_page(ctx, dataset, label, p, -1)
+
+
+@user_errors
+def on_next(ctx: StudioContext, dataset: str | None, label: str | None, p: int | float | None) -> tuple:
+    return on_page(ctx, dataset, label, p, +1)
+
+
+@requires(ADMIN)
+@user_errors
+def on_import(ctx: StudioContext, form: dict[str, Any], current: str | None) -> tuple:
+    """``form``: the import form (files, name, label, modality). Outputs: the report, then REFRESH_OUT."""
+    if not form["files"]:
+        raise ConfigError("Choose one or more files to import first.")
+    paths = [getattr(f, "name", f) for f in form["files"]]
+    name = (form["name"] or "").strip()
+    try:
+        report = import_uploads(ctx, paths, name, modality=form["modality"],
+                                label=(form["label"] or "").strip() or None)
+    finally:
+        discard_uploads(paths)      # originals (DICOMs under their own names) never stay in Gradio's cache
+    return (report.summary(),) + refresh_all(ctx, name if report.imported else current)
+
+
+@user_errors
+def on_image_id(ctx: StudioContext, image_id: int | None) -> tuple:
+    return image_detail(ctx, image_id)
+
+
+@user_errors
+def on_poll(ctx: StudioContext, current: str | None) -> tuple:
+    # Until background work (first-start sample build) ends, keep the listing fresh; then stop polling.
+    busy = ctx.status.get("sample") == "building"
+    return refresh_all(ctx, current) + (gr.Timer(active=busy),)
+
+
+# ---- layout: components only, by name ---------------------------------------------------------------------
+
+def _browser(c: dict[str, Any]) -> None:
     with gr.Row():
         # Choices change at run time (imports, first-start build), so API callers may name any dataset;
         # the handlers check it against the store and answer with a clear message.
-        ds = gr.Dropdown(label="Dataset", choices=[], value=None, interactive=True, elem_id="ds-dataset", scale=2,
-                         allow_custom_value=True)
-        cls = gr.Dropdown(label="Class", choices=[ALL_CLASSES], value=ALL_CLASSES, interactive=True,
-                          elem_id="ds-class", scale=2, allow_custom_value=True)
-        page = gr.Number(label="Page", value=1, precision=0, minimum=1, elem_id="ds-page", scale=1)
-        prev_b = gr.Button("◀ Previous", elem_id="ds-prev", scale=1)
-        next_b = gr.Button("Next ▶", elem_id="ds-next", scale=1)
-    summary = gr.Markdown(elem_id="ds-summary")
-    ids = gr.State([])
+        c["dataset"] = gr.Dropdown(label="Dataset", choices=[], value=None, interactive=True, elem_id="ds-dataset",
+                                   scale=2, allow_custom_value=True)
+        c["class"] = gr.Dropdown(label="Class", choices=[ALL_CLASSES], value=ALL_CLASSES, interactive=True,
+                                 elem_id="ds-class", scale=2, allow_custom_value=True)
+        c["page"] = gr.Number(label="Page", value=1, precision=0, minimum=1, elem_id="ds-page", scale=1)
+        c["prev"] = gr.Button("◀ Previous", elem_id="ds-prev", scale=1)
+        c["next"] = gr.Button("Next ▶", elem_id="ds-next", scale=1)
+    c["summary"] = gr.Markdown(elem_id="ds-summary")
+    c["ids"] = gr.State([])
     with gr.Row():
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images (this page only)", columns=6, height=520, allow_preview=False,
-                                 object_fit="cover", elem_id="ds-gallery")
+            c["gallery"] = gr.Gallery(label="Images (this page only)", columns=6, height=520, allow_preview=False,
+                                      object_fit="cover", elem_id="ds-gallery")
         with gr.Column(scale=2):
-            big = gr.Image(label="Selected image", type="filepath", interactive=False, height=300,
-                           elem_id="ds-image")
-            head = gr.Markdown(elem_id="ds-head")
-            caption = gr.Textbox(label="Current caption (edit it in the Captions tab)", interactive=False,
-                                 lines=3, elem_id="ds-caption",
-                                 placeholder="No caption yet: draft one in the Captions tab.")
+            c["image"] = gr.Image(label="Selected image", type="filepath", interactive=False, height=300,
+                                  elem_id="ds-image")
+            c["head"] = gr.Markdown(elem_id="ds-head")
+            c["caption"] = gr.Textbox(label="Current caption (edit it in the Captions tab)", interactive=False,
+                                      lines=3, elem_id="ds-caption",
+                                      placeholder="No caption yet: draft one in the Captions tab.")
             with gr.Accordion("Provenance", open=False):
-                prov = gr.Code(language="json", label="Source, licence, conversion", elem_id="ds-provenance")
+                c["provenance"] = gr.Code(language="json", label="Source, licence, conversion",
+                                          elem_id="ds-provenance")
             with gr.Accordion("Caption history", open=False):
-                hist = gr.Textbox(lines=6, interactive=False, show_label=False, elem_id="ds-history")
+                c["history"] = gr.Textbox(lines=6, interactive=False, show_label=False, elem_id="ds-history")
+
+
+def _importer(c: dict[str, Any]) -> None:
+    """The import accordion; ``import_form`` is on_import's form."""
     with gr.Accordion("Import images", open=False):
         gr.Markdown("A folder-per-class tree as a `.zip` (its folder names are the class labels), CSV "
                     "`file_name,label[,text]` with its images, DICOM, PNG/JPEG/TIFF. Bad files are skipped with a "
                     "reason; an unsafe archive (paths outside it, links, a zip bomb) is refused whole; nothing "
                     "already stored is changed.")
         with gr.Row():
-            up = gr.File(file_count="multiple", label="Files", elem_id="ds-upload")
+            files = gr.File(file_count="multiple", label="Files", elem_id="ds-upload")
             with gr.Column():
-                imp_name = gr.Textbox(label="Dataset name", value="imported", elem_id="ds-import-name")
-                imp_label = gr.Textbox(label="Class label (for files without one)", value="",
-                                       elem_id="ds-import-label")
-                imp_mod = gr.Dropdown(label="Modality", value="generic", elem_id="ds-import-modality",
-                                      choices=["generic", "endoscopy", "dermoscopy", "radiology", "histology",
-                                               "fundus"])
-                imp_b = gr.Button("Import", variant="primary", elem_id="ds-import")
-        imp_report = gr.Textbox(label="Import report", lines=6, interactive=False, elem_id="ds-import-report")
+                name = gr.Textbox(label="Dataset name", value="imported", elem_id="ds-import-name")
+                label = gr.Textbox(label="Class label (for files without one)", value="", elem_id="ds-import-label")
+                modality = gr.Dropdown(label="Modality", value="generic", elem_id="ds-import-modality",
+                                       choices=["generic", "endoscopy", "dermoscopy", "radiology", "histology",
+                                                "fundus"])
+                c["import"] = gr.Button("Import", variant="primary", elem_id="ds-import")
+        c["import_report"] = gr.Textbox(label="Import report", lines=6, interactive=False,
+                                        elem_id="ds-import-report")
+    c["import_form"] = {"files": files, "name": name, "label": label, "modality": modality}
 
-    def _refresh_all(current: str | None):
-        choices = dataset_choices(ctx)
-        value = current if current in choices else (choices[0] if choices else None)
-        items, page_ids, text, p = page_view(ctx, value, ALL_CLASSES, 1)
-        return (workspace_banner(ctx), gr.Dropdown(choices=choices, value=value),
-                gr.Dropdown(choices=class_choices(ctx, value), value=ALL_CLASSES), p, items, page_ids, text)
 
-    @user_errors
-    def _on_dataset(dataset: str | None):
-        items, page_ids, text, p = page_view(ctx, dataset, ALL_CLASSES, 1)
-        return gr.Dropdown(choices=class_choices(ctx, dataset), value=ALL_CLASSES), p, items, page_ids, text
+def layout() -> dict[str, Any]:
+    """Lay out the tab in the current Blocks context (no events); its components by name."""
+    c: dict[str, Any] = {"banner": gr.Markdown(elem_id="ds-banner")}      # filled by the guarded page load
+    _browser(c)
+    _importer(c)
+    c["image_id"] = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
+    c["timer"] = gr.Timer(2.0, active=True)
+    return c
 
-    @user_errors
-    def _on_page(dataset, label, p, delta=0):
-        items, page_ids, text, p = page_view(ctx, dataset, label, int(p or 1) + delta)
-        return p, items, page_ids, text
 
-    @user_errors
-    def _on_select(page_ids: list[int], evt: gr.SelectData):
-        idx = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
-        if idx is None or idx >= len(page_ids):
-            return None, "", "", "", ""
-        return image_detail(ctx, page_ids[idx])
+# ---- wiring -------------------------------------------------------------------------------------------------
 
-    @user_errors
-    def _on_class(dataset, label):
-        return _on_page(dataset, label, 1)
-
-    @user_errors
-    def _on_prev(dataset, label, p):
-        return _on_page(dataset, label, p, -1)
-
-    @user_errors
-    def _on_next(dataset, label, p):
-        return _on_page(dataset, label, p, +1)
-
-    @requires(ADMIN)
-    @user_errors
-    def _on_import(files, name, label, modality, current):
-        if not files:
-            raise ConfigError("Choose one or more files to import first.")
-        paths = [getattr(f, "name", f) for f in files]
-        try:
-            report = import_uploads(ctx, paths, (name or "").strip(), modality=modality,
-                                    label=(label or "").strip() or None)
-        finally:
-            discard_uploads(paths)      # originals (DICOMs under their own names) never stay in Gradio's cache
-        refreshed = _refresh_all(name.strip() if report.imported else current)
-        return (report.summary(),) + refreshed
-
-    @user_errors
-    def _on_image_id(image_id):
-        return image_detail(ctx, image_id)
-
-    outs_all = [banner, ds, cls, page, gallery, ids, summary]
-    ds.change(_on_dataset, ds, [cls, page, gallery, ids, summary], api_name="dataset_select")
-    cls.change(_on_class, [ds, cls], [page, gallery, ids, summary], api_name="dataset_class")
-    page.submit(_on_page, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_page")
-    prev_b.click(_on_prev, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_prev")
-    next_b.click(_on_next, [ds, cls, page], [page, gallery, ids, summary], api_name="dataset_next")
-    gallery.select(_on_select, ids, [big, head, caption, prov, hist], api_name=False)
+def listen(ctx: StudioContext, c: dict[str, Any]) -> None:
+    """Wire the components ``layout`` made."""
+    ds, cls, page = c["dataset"], c["class"], c["page"]
+    refresh_out, page_out = [c[k] for k in REFRESH_OUT], [c[k] for k in PAGE_OUT]
+    detail_out = [c[k] for k in DETAIL_OUT]
+    ds.change(bind(ctx, on_dataset), ds, [cls] + page_out, api_name="dataset_select")
+    cls.change(bind(ctx, on_class), [ds, cls], page_out, api_name="dataset_class")
+    page.submit(bind(ctx, on_page), [ds, cls, page], page_out, api_name="dataset_page")
+    c["prev"].click(bind(ctx, on_prev), [ds, cls, page], page_out, api_name="dataset_prev")
+    c["next"].click(bind(ctx, on_next), [ds, cls, page], page_out, api_name="dataset_next")
+    c["gallery"].select(bind(ctx, on_select), c["ids"], detail_out, api_name=False)
     # One import at a time: it decodes and hashes every uploaded image.
-    imp_b.click(_on_import, [up, imp_name, imp_label, imp_mod, ds], [imp_report] + outs_all, api_name="import",
-                concurrency_limit=1)
-    id_box = gr.Number(visible=False, precision=0, elem_id="ds-image-id")
-    id_box.change(_on_image_id, id_box, [big, head, caption, prov, hist], api_name="image_detail")
-
+    form = c["import_form"]
+    c["import"].click(bind(ctx, on_import, form=list(form)), inputs_of(form, ds), [c["import_report"]] + refresh_out,
+                      api_name="import", concurrency_limit=1)
+    c["image_id"].change(bind(ctx, on_image_id), c["image_id"], detail_out, api_name="image_detail")
     root = gr.context.Context.root_block
     if root is not None:      # the banner, datasets and first page come with the (guarded) page load
-        root.load(user_errors(_refresh_all), ds, outs_all, api_name="dataset_refresh", show_progress="hidden")
+        root.load(bind(ctx, on_refresh), ds, refresh_out, api_name="dataset_refresh", show_progress="hidden")
+    c["timer"].tick(bind(ctx, on_poll), ds, refresh_out + [c["timer"]], api_name=False, show_progress="hidden")
 
-    timer = gr.Timer(2.0, active=True)
 
-    @user_errors
-    def _poll(current):
-        # Until background work (first-start sample build) ends, keep the listing fresh; then stop polling.
-        busy = ctx.status.get("sample") == "building"
-        return _refresh_all(current) + (gr.Timer(active=busy),)
-
-    timer.tick(_poll, ds, outs_all + [timer], api_name=False, show_progress="hidden")
-    return {"dataset": ds, "refresh": lambda: _refresh_all(None), "outputs": outs_all}
+def build_dataset_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Lay out the tab inside the current ``gr.Tab`` context and wire its events."""
+    c = layout()
+    listen(ctx, c)
+    return {"dataset": c["dataset"], "refresh": lambda: refresh_all(ctx, None), "outputs": [c[k] for k in REFRESH_OUT]}
 
 
 def discard_uploads(paths: list[str]) -> int:

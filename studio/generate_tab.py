@@ -22,28 +22,17 @@ from medart_core.spaces import gpu_call
 
 from .context import StudioContext
 from .errors import user_errors
+from .forms import as_tuple, bind, inputs_of
 
 MAX_PROMPTS = 16          # lines of the prompt box sampled in one click (each line is a prompt)
 MAX_IMAGES = 64           # per click; more is a job
 RECENT = 40               # past images offered for "reuse these settings"
-_TOKENIZERS: dict[str, tuple[Any, str]] = {}
+# The generation form: run_generate's parameters, in their order (also the API's inputs of /generate).
+FORM_FIELDS = ["prompt", "negative", "checkpoint", "strength", "steps", "guidance", "seed", "random_seed", "n",
+               "resolution"]
 
 
 # ---- handlers: plain functions of (ctx, inputs) ------------------------------------------------------------
-def tokenizer_for(ctx: StudioContext) -> tuple[Any, str]:
-    """The tokenizer prompts are counted with, and how the UI names it (cheap: no model weights)."""
-    spec = ctx.backbone_spec or "tiny"
-    if spec not in _TOKENIZERS:
-        from medart_core.backbone import load_tokenizer
-
-        try:
-            _TOKENIZERS[spec] = (load_tokenizer(spec), G.tokenizer_label(spec))
-        except MedArtError:
-            _TOKENIZERS[spec] = (load_tokenizer("tiny"), "the project's tiny Unigram tokenizer (the backbone's own "
-                                                         "T5 tokenizer is not available offline), not T5's")
-    return _TOKENIZERS[spec]
-
-
 def split_prompts(text: str | None) -> list[str]:
     """One prompt per non-empty line of the prompt box."""
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -53,7 +42,7 @@ def token_counter(ctx: StudioContext, text: str | None) -> str:
     """Per prompt line: "n / 120 tokens", and what truncation would cut; names the tokenizer counting."""
     from medart_core.caption_ops import token_preview
 
-    tok, name = tokenizer_for(ctx)
+    tok, name = ctx.prompt_tokenizer()      # made once per backbone, held by the context
     lines = split_prompts(text) or [""]
     rows = []
     for i, p in enumerate(lines[:MAX_PROMPTS]):
@@ -192,10 +181,169 @@ def run_regenerate(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
     return {"gallery": _gallery([img]), "summary": _summary([img], "Regenerated"), "details": _details([img])}
 
 
-# ---- UI --------------------------------------------------------------------------------------------------
+# ---- events: what Gradio calls, as functions of (ctx, inputs); the form arrives as {field: value} ------------
+@user_errors
+def on_generate(ctx: StudioContext, form: dict[str, Any], progress: Any = gr.Progress()) -> tuple:
+    """``form``: FORM_FIELDS → value. Outputs: gallery, summary, seed, details, the past-image list."""
+    out = run_generate(ctx, **form, progress=lambda done, total: progress((done, total), desc="sampling"))
+    return (out["gallery"], out["summary"], out["seed"], out["details"],
+            gr.Dropdown(choices=recent_choices(ctx), value=out["details"][0]["sidecar"]))
+
+
+@user_errors
+def on_regenerate(ctx: StudioContext, sidecar: str | None, progress: Any = gr.Progress()) -> tuple:
+    progress(0.0, desc="regenerating")
+    out = run_regenerate(ctx, sidecar)
+    return out["gallery"], out["summary"], out["details"], gr.Dropdown(choices=recent_choices(ctx))
+
+
+REUSE_OUT = FORM_FIELDS + ["notice", "tokens"]
+
+
+@user_errors
+def on_reuse(ctx: StudioContext, sidecar: str | None) -> tuple:
+    """A past image's settings back into the form (REUSE_OUT: the form, the notice, the token counter)."""
+    r = reuse_settings(ctx, sidecar)
+    values = {**r, "random_seed": r["random"], "tokens": token_counter(ctx, r["prompt"]),
+              "checkpoint": gr.Dropdown(choices=checkpoint_choices(ctx), value=r["checkpoint"])}
+    return as_tuple(REUSE_OUT, values)
+
+
+def refresh_checkpoints(ctx: StudioContext, current: str | None) -> Any:
+    return gr.Dropdown(choices=checkpoint_choices(ctx), value=current)
+
+
+def refresh_recent(ctx: StudioContext) -> Any:
+    return gr.Dropdown(choices=recent_choices(ctx))
+
+
+@user_errors
+def on_dataset(ctx: StudioContext, dataset: str | None) -> tuple:
+    return gr.Dropdown(choices=class_choices(ctx, dataset), value=None), gr.Dropdown(choices=[], value=None), ""
+
+
+@user_errors
+def on_class(ctx: StudioContext, dataset: str | None, label: str | None) -> tuple:
+    caps = caption_choices(ctx, dataset, label)
+    note = "" if caps or not label else (f"No approved captions for **{label}** yet: approve some in the "
+                                          "Captions tab.")
+    return gr.Dropdown(choices=caps, value=caps[0] if caps else None), note
+
+
+def use_caption(ctx: StudioContext, caption: str | None, current: str | None) -> tuple:
+    """The picked class caption as the prompt (the prompt kept when none is picked), and its token count."""
+    return caption or current, token_counter(ctx, caption or current)
+
+
+@user_errors
+def on_load(ctx: StudioContext, current: str | None) -> tuple:
+    datasets = dataset_choices(ctx)
+    return (gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None),
+            gr.Dropdown(choices=checkpoint_choices(ctx), value=current or G.BASE),
+            gr.Dropdown(choices=recent_choices(ctx)), token_counter(ctx, ""))
+
+
+# ---- layout: components only, by name ---------------------------------------------------------------------
 CSS = """
 .gen-tokens {font-size: 0.9em;} .gen-tok-over {color: #b91c1c;} .gen-tok-by {color: #6b7280; font-size: 0.85em;}
 """
+
+
+def _class_prompts(c: dict[str, Any]) -> None:
+    with gr.Accordion("Class prompts: a dataset class's approved captions", open=False):
+        with gr.Row():
+            c["dataset"] = gr.Dropdown([], value=None, label="Dataset", allow_custom_value=True)
+            c["class"] = gr.Dropdown([], label="Class", allow_custom_value=True)
+        c["caption"] = gr.Dropdown([], label="Approved caption", allow_custom_value=False)
+        c["caption_notice"] = gr.Markdown()
+        c["use_caption"] = gr.Button("Use this caption as the prompt", size="sm")
+
+
+def _settings(c: dict[str, Any]) -> None:
+    with gr.Row():
+        # Custom values: "RUN" (its latest) and checkpoints written after the page was built.
+        c["checkpoint"] = gr.Dropdown([G.BASE], value=G.BASE, label="Checkpoint (base = no adapters; RUN = its "
+                                      "latest)", allow_custom_value=True, scale=3)
+        c["checkpoint_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40)
+        c["strength"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter strength (LoRA scale)", scale=3)
+    with gr.Row():
+        c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps (DPM-Solver++)")
+        c["guidance"] = gr.Slider(0, 15, value=4.5, step=0.5, label="Guidance (CFG)")
+    with gr.Row():
+        c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed (image k of each prompt: seed + k)")
+        c["random_seed"] = gr.Checkbox(value=True, label="Random seed")
+        c["n"] = gr.Slider(1, 16, value=4, step=1, label="Images per prompt")
+        c["resolution"] = gr.Number(value=0, precision=0, minimum=0, step=16,
+                                    label="Resolution px (0 = the checkpoint's training size)")
+
+
+def _results(c: dict[str, Any], is_random: bool) -> None:
+    c["gallery"] = gr.Gallery(label=f"Images{' — ' + RANDOM_LABEL if is_random else ''}", format="png",
+                              type="filepath", columns=4, height="auto", interactive=False,
+                              buttons=["download", "fullscreen"])
+    c["summary"] = gr.Markdown()
+    with gr.Accordion("Files and sidecars", open=False):
+        c["details"] = gr.JSON(label="Images")
+    with gr.Row():
+        c["recent"] = gr.Dropdown([], label="A past image", scale=4, allow_custom_value=True)
+        c["recent_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40)
+    with gr.Row():
+        c["reuse"] = gr.Button("Reuse these settings", size="sm")
+        c["regenerate"] = gr.Button("Regenerate (byte-exact)", size="sm")
+    c["reuse_notice"] = gr.Markdown()
+
+
+def layout(ctx: StudioContext) -> dict[str, Any]:
+    """Lay out the tab in the current Blocks context (no events); its components by name, ``form`` among them
+    (FORM_FIELDS → component)."""
+    gr.HTML(f"<style>{CSS}</style>", padding=False)
+    gr.Markdown(banner(ctx))
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            c["prompt"] = gr.Textbox(label="Prompt (one per line for several)", lines=3,
+                                     placeholder="An endoscopic image of polyps, ...")
+            c["tokens"] = gr.HTML("")
+            c["negative"] = gr.Textbox(label="Negative prompt", value="", placeholder='"" as in the paper')
+            _class_prompts(c)
+            _settings(c)
+            c["go"] = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=4):
+            _results(c, ctx.backbone_is_random)
+    c["form"] = {k: c[k] for k in FORM_FIELDS}
+    return c
+
+
+# ---- wiring -------------------------------------------------------------------------------------------------
+def _listen_class_prompts(ctx: StudioContext, c: dict[str, Any]) -> None:
+    c["dataset"].change(bind(ctx, on_dataset), c["dataset"], [c["class"], c["caption"], c["caption_notice"]],
+                        api_name="generate_classes")
+    c["class"].change(bind(ctx, on_class), [c["dataset"], c["class"]], [c["caption"], c["caption_notice"]],
+                      api_name="generate_captions")
+    c["use_caption"].click(bind(ctx, use_caption), [c["caption"], c["prompt"]], [c["prompt"], c["tokens"]],
+                           api_name="generate_use_caption", queue=False)
+
+
+def listen(ctx: StudioContext, c: dict[str, Any]) -> None:
+    """Wire the components ``layout`` made."""
+    form, recent = c["form"], c["recent"]
+    c["go"].click(bind(ctx, on_generate, form=list(form)), inputs_of(form),
+                  [c["gallery"], c["summary"], c["seed"], c["details"], recent], api_name="generate",
+                  concurrency_limit=1)
+    c["regenerate"].click(bind(ctx, on_regenerate), recent, [c["gallery"], c["summary"], c["details"], recent],
+                          api_name="generate_regenerate", concurrency_limit=1)
+    c["reuse"].click(bind(ctx, on_reuse), recent, inputs_of(form, c["reuse_notice"], c["tokens"]),
+                     api_name="generate_reuse")
+    c["prompt"].input(bind(ctx, token_counter), c["prompt"], c["tokens"], api_name="generate_tokens",
+                      show_progress="hidden", trigger_mode="always_last", queue=False)
+    c["checkpoint_refresh"].click(bind(ctx, refresh_checkpoints), c["checkpoint"], c["checkpoint"],
+                                  api_name="generate_checkpoints", queue=False)
+    c["recent_refresh"].click(bind(ctx, refresh_recent), None, recent, api_name="generate_recent", queue=False)
+    _listen_class_prompts(ctx, c)
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(bind(ctx, on_load), c["checkpoint"], [c["dataset"], c["checkpoint"], recent, c["tokens"]],
+                  api_name="generate_load", show_progress="hidden")
 
 
 def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
@@ -205,120 +353,7 @@ def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:
     gr.set_static_paths([str(ctx.ws.samples_dir)])
     # Nothing from the workspace at build time (it would reach /config for every role) and nothing slow (the
     # studio must start fast): datasets, checkpoints, past images and the token counter come with the guarded
-    # page load below.
-
-    gr.HTML(f"<style>{CSS}</style>", padding=False)
-    gr.Markdown(banner(ctx))
-    with gr.Row():
-        with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt (one per line for several)", lines=3,
-                                placeholder="An endoscopic image of polyps, ...")
-            tokens = gr.HTML("")
-            negative = gr.Textbox(label="Negative prompt", value="", placeholder='"" as in the paper')
-            with gr.Accordion("Class prompts: a dataset class's approved captions", open=False):
-                with gr.Row():
-                    ds = gr.Dropdown([], value=None, label="Dataset", allow_custom_value=True)
-                    cls = gr.Dropdown([], label="Class", allow_custom_value=True)
-                cap = gr.Dropdown([], label="Approved caption", allow_custom_value=False)
-                cap_notice = gr.Markdown()
-                use_cap = gr.Button("Use this caption as the prompt", size="sm")
-            with gr.Row():
-                # Custom values: "RUN" (its latest) and checkpoints written after the page was built.
-                ck = gr.Dropdown([G.BASE], value=G.BASE, label="Checkpoint (base = no adapters; RUN = its latest)",
-                                 allow_custom_value=True, scale=3)
-                ck_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
-                strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter strength (LoRA scale)", scale=3)
-            with gr.Row():
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps (DPM-Solver++)")
-                guidance = gr.Slider(0, 15, value=4.5, step=0.5, label="Guidance (CFG)")
-            with gr.Row():
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (image k of each prompt: seed + k)")
-                random_seed = gr.Checkbox(value=True, label="Random seed")
-                n = gr.Slider(1, 16, value=4, step=1, label="Images per prompt")
-                resolution = gr.Number(value=0, precision=0, minimum=0, step=16,
-                                       label="Resolution px (0 = the checkpoint's training size)")
-            go = gr.Button("Generate", variant="primary")
-        with gr.Column(scale=4):
-            gallery = gr.Gallery(label=f"Images{' — ' + RANDOM_LABEL if ctx.backbone_is_random else ''}",
-                                 format="png", type="filepath", columns=4, height="auto", interactive=False,
-                                 buttons=["download", "fullscreen"])
-            summary = gr.Markdown()
-            with gr.Accordion("Files and sidecars", open=False):
-                details = gr.JSON(label="Images")
-            with gr.Row():
-                recent = gr.Dropdown([], label="A past image", scale=4, allow_custom_value=True)
-                recent_refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
-            with gr.Row():
-                reuse_b = gr.Button("Reuse these settings", size="sm")
-                regen_b = gr.Button("Regenerate (byte-exact)", size="sm")
-            reuse_notice = gr.Markdown()
-
-    form = [prompt, negative, ck, strength, steps, guidance, seed, random_seed, n, resolution]
-
-    @user_errors
-    def _on_generate(p, neg, ref, st, nsteps, g, sd, rnd, k, res, progress=gr.Progress()):
-        out = run_generate(ctx, p, neg, ref, st, nsteps, g, sd, rnd, k, res,
-                           progress=lambda done, total: progress((done, total), desc="sampling"))
-        return (out["gallery"], out["summary"], out["seed"], out["details"],
-                gr.Dropdown(choices=recent_choices(ctx), value=out["details"][0]["sidecar"]))
-
-    go.click(_on_generate, form, [gallery, summary, seed, details, recent], api_name="generate",
-             concurrency_limit=1)
-
-    @user_errors
-    def _on_regenerate(sidecar, progress=gr.Progress()):
-        progress(0.0, desc="regenerating")
-        out = run_regenerate(ctx, sidecar)
-        return out["gallery"], out["summary"], out["details"], gr.Dropdown(choices=recent_choices(ctx))
-
-    regen_b.click(_on_regenerate, recent, [gallery, summary, details, recent], api_name="generate_regenerate",
-                  concurrency_limit=1)
-
-    @user_errors
-    def _on_reuse(sidecar):
-        r = reuse_settings(ctx, sidecar)
-        return (r["prompt"], r["negative"], gr.Dropdown(choices=checkpoint_choices(ctx), value=r["checkpoint"]),
-                r["strength"], r["steps"], r["guidance"], r["seed"], r["random"], r["n"], r["resolution"],
-                r["notice"], token_counter(ctx, r["prompt"]))
-
-    reuse_b.click(_on_reuse, recent, form + [reuse_notice, tokens], api_name="generate_reuse")
-
-    prompt.input(lambda t: token_counter(ctx, t), prompt, tokens, api_name="generate_tokens",
-                 show_progress="hidden", trigger_mode="always_last", queue=False)
-    ck_refresh.click(lambda cur: gr.Dropdown(choices=checkpoint_choices(ctx), value=cur), ck, ck,
-                     api_name="generate_checkpoints", queue=False)
-    recent_refresh.click(lambda: gr.Dropdown(choices=recent_choices(ctx)), None, recent, api_name="generate_recent",
-                         queue=False)
-
-    @user_errors
-    def _on_dataset(dataset):
-        return gr.Dropdown(choices=class_choices(ctx, dataset), value=None), gr.Dropdown(choices=[], value=None), ""
-
-    ds.change(_on_dataset, ds, [cls, cap, cap_notice], api_name="generate_classes")
-
-    @user_errors
-    def _on_class(dataset, label):
-        caps = caption_choices(ctx, dataset, label)
-        note = "" if caps or not label else (f"No approved captions for **{label}** yet: approve some in the "
-                                              "Captions tab.")
-        return gr.Dropdown(choices=caps, value=caps[0] if caps else None), note
-
-    cls.change(_on_class, [ds, cls], [cap, cap_notice], api_name="generate_captions")
-    use_cap.click(lambda c, cur: (c or cur, token_counter(ctx, c or cur)), [cap, prompt], [prompt, tokens],
-                  api_name="generate_use_caption", queue=False)
-
-    @user_errors
-    def _on_load(cur):
-        datasets = dataset_choices(ctx)
-        return (gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None),
-                gr.Dropdown(choices=checkpoint_choices(ctx), value=cur or G.BASE),
-                gr.Dropdown(choices=recent_choices(ctx)), token_counter(ctx, ""))
-
-    root = gr.context.Context.root_block
-    if root is not None:
-        root.load(_on_load, ck, [ds, ck, recent, tokens], api_name="generate_load", show_progress="hidden")
-
-    return {"prompt": prompt, "tokens": tokens, "negative": negative, "dataset": ds, "class": cls, "caption": cap,
-            "checkpoint": ck, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
-            "random_seed": random_seed, "n": n, "resolution": resolution, "gallery": gallery, "summary": summary,
-            "details": details, "recent": recent}
+    # page load.
+    c = layout(ctx)
+    listen(ctx, c)
+    return c

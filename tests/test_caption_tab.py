@@ -197,6 +197,41 @@ def test_batch_preview_apply_undo_via_handlers(tab_env):
     assert "Invalid regular expression" in bad["batch_notice"] and bad["batch_table"] == []
 
 
+def test_events_take_forms_as_named_dicts_and_bind_keeps_what_gradio_injects(tab_env):
+    import inspect
+
+    import gradio as gr
+    from gradio import utils
+
+    from studio import caption_batch, caption_review
+    from studio.caption_view import VIEW
+    from studio.forms import bind
+
+    tab, ctx, state, view, ids = tab_env
+    filters = {"label": "esophagitis", "status": "(any)", "reviewer": "", "edited": "any", "over_limit": False,
+               "search": "", "regex": False}
+    out = dict(zip(VIEW, caption_review.on_filters(ctx, state, "mini", filters)))
+    assert "4 image(s) match" in out["notice"] and state.ids == ids[1::2]
+    # what Gradio sees: no ctx, one positional input per form field, the request still annotated for injection
+    handler = bind(ctx, caption_review.on_filters, filters=list(filters))
+    assert list(inspect.signature(handler).parameters) == ["st", "ds", *filters]
+    out = dict(zip(VIEW, handler(state, "mini", "polyps", "(any)", "", "any", False, "", False)))
+    assert "4 image(s) match" in out["notice"] and state.ids == ids[0::2]
+    save = bind(ctx, caption_review.on_save)
+    assert list(inspect.signature(save).parameters) == ["st", "text", "editor_key", "reviewer_name", "request"]
+    assert utils.get_type_hints(save)["request"] is gr.Request
+    out = dict(zip(VIEW, save(state, "An endoscopic image of polyps, bound.", out["key"], "", gr.Request(
+        username="alice"))))
+    assert "Saved" in out["notice"] and ctx.store.history(ids[0])[-1].reviewer == "alice"
+    batch = {"op": "prepend / append", "find": "", "replace": "", "regex": False, "prefix": "", "suffix": " Flat.",
+             "drafter": "template"}
+    _state, table, note = caption_batch.on_preview(ctx, state, batch)
+    assert "4 of 4" in note and len(table) == 4
+    with pytest.raises(ValueError):
+        bind(ctx, caption_review.on_filters, filters=["st"])            # a field may not shadow a parameter
+    assert bind(ctx, caption_batch.on_export_csv).__medart_role__ == "admin"   # @requires survives bind
+
+
 def test_export_both_formats_counts_and_path(tab_env, ws):
     tab, ctx, state, view, ids = tab_env
     msg = tab.export(ctx, state, "imagefolder")

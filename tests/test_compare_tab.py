@@ -274,13 +274,16 @@ def test_handlers_refuse_bad_input_and_blind_images_are_neutral(tmp_path):
     from medart_core.errors import ConfigError
     from studio import compare_tab as tab
 
+    def spec_of(*values):          # the form by field name, as the tab hands it over
+        return tab.make_spec(tab.form_values(values))
+
     with pytest.raises(ConfigError, match="dataset"):
-        tab.make_spec(None, "domain", "", 4, "latest", 4, 4.5, 64, 0, 10, 10, 2)
+        spec_of(None, "domain", "", 4, "latest", 4, 4.5, 64, 0, 10, 10, 2)
     with pytest.raises(ConfigError, match="extractor"):
-        tab.make_spec("sample", "fid", "", 4, "latest", 4, 4.5, 64, 0, 10, 10, 2)
+        spec_of("sample", "fid", "", 4, "latest", 4, 4.5, 64, 0, 10, 10, 2)
     with pytest.raises(ConfigError, match="Images per class"):
-        tab.make_spec("sample", "domain", "", 0, "latest", 4, 4.5, 64, 0, 10, 10, 2)
-    spec = tab.make_spec("sample", "inception", " /w.pth ", "8", "approved", 10, 3, 64, 1, 5, 5, 5)
+        spec_of("sample", "domain", "", 0, "latest", 4, 4.5, 64, 0, 10, 10, 2)
+    spec = spec_of("sample", "inception", " /w.pth ", "8", "approved", 10, 3, 64, 1, 5, 5, 5)
     assert (spec.extractor_weights, spec.per_class, spec.steps, spec.guidance) == ("/w.pth", 8, 10, 3.0)
 
     # a "real" 96x64 PNG carrying a text chunk and a "generated" 64x64 one: both come out 64x64, no metadata

@@ -26,12 +26,14 @@ def _ctx(ws, store):
     return StudioContext(ws=ws, store=store, backbone_spec="tiny")
 
 
-def _form(dataset="mini", captions="latest", backbone="tiny", preset="cpu-smoke", **over):
+def _form(dataset="mini", captions="latest", backbone="tiny", preset="cpu-smoke", **over) -> dict:
+    """The form by field name, in FORM order (``.values()`` are the API's positional inputs)."""
     from studio import finetune_tab as tab
 
-    values = dict(zip(tab.OVERRIDES, tab.preset_values(preset)))
+    values = tab.preset_values(preset)
     values.update(over)
-    return [dataset, captions, backbone, preset, *(values[k] for k in tab.OVERRIDES)]
+    form = dict(dataset=dataset, captions=captions, backbone=backbone, preset=preset, **values)
+    return {k: form[k] for k in tab.FORM}
 
 
 def _kill_everything(ws) -> None:
@@ -66,23 +68,23 @@ def test_config_from_preset_and_overrides(ws, store):
     from studio import finetune_tab as tab
 
     make_dataset(ws, store)
-    cfg = tab.make_config(*_form(max_steps=7, rank=3, pixel_every=5, grad_path="truncated", truncated_k=1,
+    cfg = tab.make_config(_form(max_steps=7, rank=3, pixel_every=5, grad_path="truncated", truncated_k=1,
                                  resolution=32, t5_enabled=False, lr=5e-5))
     assert (cfg.dataset, cfg.captions, cfg.backbone, cfg.max_steps, cfg.resolution, cfg.lr) == \
         ("mini", "latest", "tiny", 7, 32, 5e-5)
     assert (cfg.lora.rank, cfg.lora.t5_enabled, cfg.hldf.pixel_every, cfg.hldf.grad_path, cfg.hldf.truncated_k) == \
         (3, False, 5, "truncated", 1)
     assert cfg.hldf.sample_steps == 3 and cfg.validate_every == 15          # untouched preset fields stay
-    paper = tab.make_config(*_form(preset="paper", backbone="tiny", max_steps=0, resolution=0))
+    paper = tab.make_config(_form(preset="paper", backbone="tiny", max_steps=0, resolution=0))
     assert paper.max_steps is None and paper.resolution is None and paper.epochs == 15
     # training T5 turns the small-gpu feature cache off (a cache needs a frozen T5)
-    sg = tab.make_config(*_form(preset="small-gpu", t5_enabled=True))
+    sg = tab.make_config(_form(preset="small-gpu", t5_enabled=True))
     assert sg.lora.t5_enabled and not sg.cache_features
     with pytest.raises(ConfigError, match="batch_size"):
-        tab.make_config(*_form(batch_size=0))
+        tab.make_config(_form(batch_size=0))
     ctx = _ctx(ws, store)
     with pytest.raises(ConfigError, match="no approved captions"):
-        tab.launch(ctx, None, None, *_form(captions="approved"))
+        tab.launch(ctx, None, None, _form(captions="approved"))
     assert "6 images, **0 approved captions**" in tab.dataset_info(ctx, "mini")
 
 
@@ -94,7 +96,7 @@ def test_estimate_names_memory_time_and_warns_when_it_will_not_fit(ws, store):
     from studio import finetune_tab as tab
 
     make_dataset(ws, store)
-    md = tab.estimate_markdown(_ctx(ws, store), *_form())
+    md = tab.estimate_markdown(_ctx(ws, store), _form())
     assert "Estimated peak" in md and "time per step" in md
     paper = TrainConfig.from_preset("paper")
     big = estimate(paper, gpu_device("NVIDIA H100 80GB HBM3", 80 * GiB), n_train_images=200)
@@ -185,7 +187,7 @@ def test_runs_table_lists_runs_with_state_preset_steps_and_checkpoints(ws, store
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = tab.make_config(*_form(max_steps=4, resolution=32, sample_steps=2, pixel_every=2))
+        cfg = tab.make_config(_form(max_steps=4, resolution=32, sample_steps=2, pixel_every=2))
         cfg.validate_every, cfg.checkpoint_every, cfg.export_merged = 2, 2, False
         train(cfg, ws, store, run_name="cli-run")
     finally:
@@ -235,9 +237,9 @@ def test_cpu_smoke_run_from_launch_to_done_through_the_api(served, ws):
 
     url, ctx = served
     client = Client(url, verbose=False)
-    est = client.predict(*_form(dataset="sample"), api_name="/finetune_estimate")
+    est = client.predict(*_form(dataset="sample").values(), api_name="/finetune_estimate")
     assert "Estimated peak" in est
-    out = client.predict("smoke", *_form(dataset="sample"), api_name="/finetune_launch")
+    out = client.predict("smoke", *_form(dataset="sample").values(), api_name="/finetune_launch")
     job_id, run = out[0], out[1]
     assert run == "smoke" and job_id.startswith("train-")
     assert supervisor_pid(ws) is not None, "Launch starts the supervisor"
@@ -275,7 +277,7 @@ def test_cpu_smoke_run_from_launch_to_done_through_the_api(served, ws):
     assert rows[0][:3] == ["smoke", "done", "cpu-smoke"] and rows[0][4] == "30/30"
 
     # Calibrate: 4 real steps as a short job; the measured figures replace the "calibrating" note.
-    out = client.predict(*_form(dataset="sample"), api_name="/finetune_calibrate")
+    out = client.predict(*_form(dataset="sample").values(), api_name="/finetune_calibrate")
     cal_job, cal_run = out[0], out[1]
     assert cal_run.startswith("calibrate-") and "Calibrating" in out[-2]   # (buttons, timer, state: not in API results)
     deadline = time.monotonic() + 240

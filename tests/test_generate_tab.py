@@ -63,6 +63,17 @@ def test_token_counter_names_the_tiny_tokenizer(env):
     assert "&lt;b&gt;" in tab.token_counter(env, long + " <b>x</b>"), "prompt text is escaped"
 
 
+def test_prompt_tokenizer_lives_on_the_context(env):
+    from studio import generate_tab as tab
+    from studio.context import StudioContext
+
+    assert not hasattr(tab, "_TOKENIZERS") and not hasattr(tab, "tokenizer_for")
+    tok, name = env.prompt_tokenizer()
+    assert env.prompt_tokenizer()[0] is tok and "tiny Unigram tokenizer" in name     # made once per context
+    other = StudioContext(ws=env.ws, store=env.store, backbone_spec="tiny")
+    assert other.prompt_tokenizer()[0] is not tok                                     # no process-wide cache
+
+
 def test_class_prompts_and_checkpoints(env):
     from studio import generate_tab as tab
 
