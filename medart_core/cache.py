@@ -22,9 +22,7 @@ draws a posterior sample each step, as the uncached path does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .constants import MAX_TOKENS
 from .errors import StaleCacheError
-from .fileio import fsync_file, sha256_file
+from .fileio import atomic_path, atomic_write_text, sha256_bytes, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,8 +51,7 @@ class CacheItem:
 
     @property
     def entry(self) -> str:
-        h = hashlib.sha256(f"{self.pixel_hash}\x00{self.caption_version}\x00{self.text}".encode("utf-8"))
-        return h.hexdigest()[:40]
+        return sha256_bytes(f"{self.pixel_hash}\x00{self.caption_version}\x00{self.text}".encode("utf-8"))[:40]
 
 
 def cache_item(example: Any) -> CacheItem:
@@ -82,15 +79,15 @@ def weights_fingerprint(spec: str) -> str:
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         return spec
-    h = hashlib.sha256(str(folder.resolve()).encode())
+    parts = [str(folder.resolve())]
     for sub in ("text_encoder", "vae", "tokenizer"):
         d = folder / sub
         if d.is_dir():
             for p in sorted(d.rglob("*")):
                 if p.is_file():
                     st = p.stat()
-                    h.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+                    parts.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return sha256_bytes("".join(parts).encode())
 
 
 class FeatureCache:
@@ -103,7 +100,7 @@ class FeatureCache:
         self.key = {"format": CACHE_FORMAT, "backbone": backbone_spec, "weights": weights_fingerprint(backbone_spec),
                     "resolution": int(resolution), "dtype": dtype, "crop": "center", "max_tokens": int(max_tokens),
                     "lowercase": True}
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
+        digest = sha256_bytes(json.dumps(self.key, sort_keys=True).encode())[:24]
         self.dir = ws.feature_cache_dir(f"feat-{digest}")
         self.resolution = int(resolution)
         self.dtype = dtype
@@ -129,10 +126,7 @@ class FeatureCache:
         return idx
 
     def _write_index(self, idx: dict[str, Any]) -> None:
-        tmp = self.dir / f".index.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(idx, sort_keys=True), encoding="utf-8")
-        fsync_file(tmp)
-        os.replace(tmp, self.index_path)
+        atomic_write_text(self.index_path, json.dumps(idx, sort_keys=True))
 
     def verify(self, items: Sequence[CacheItem]) -> tuple[dict[str, Any], list[CacheItem], list[str]]:
         """(cleaned index, items without a valid entry, names of shards that failed their check)."""
@@ -187,10 +181,8 @@ class FeatureCache:
             for b in range(0, len(chunk), batch_size):
                 tensors.update(self._compute(backbone, chunk[b:b + batch_size]))
             name = f"shard-{len(idx['shards']):05d}-{secrets.token_hex(4)}.safetensors"
-            tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            fsync_file(tmp)
-            os.replace(tmp, self.dir / name)
+            with atomic_path(self.dir / name) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
             idx["shards"][name] = {"size": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name)}
             for it in chunk:
                 idx["entries"][it.entry] = {"shard": name, "pixel_hash": it.pixel_hash,

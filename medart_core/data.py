@@ -256,7 +256,7 @@ def load_image_file(path: str | os.PathLike) -> tuple[Image.Image, str]:
             fmt = im.format or "?"
             # Pillow has no 16-bit colour mode: it keeps the high byte of 16-bit RGB(A) samples (a
             # full-range linear scaling). Only the decoder's raw mode, read before load(), tells.
-            raw16 = im.mode in ("RGB", "RGBA") and any(";16" in str(getattr(t, "args", "") or "") for t in im.tile)
+            raw16 = im.mode in ("RGB", "RGBA") and any(";16" in str(t.args or "") for t in im.tile)
             im.load()
             # Cameras and some scanners store "rotate on display" in EXIF; a reviewer sees it rotated.
             turned = fmt in ("JPEG", "MPO", "TIFF") and im.getexif().get(0x0112, 1) in range(2, 9)
@@ -401,11 +401,9 @@ def _read_dicom(path: Path) -> Any:
         raise InvalidImageError(f"not a readable DICOM file: {e}") from None
     if "PixelData" not in ds or "Rows" not in ds:
         raise InvalidImageError("not a DICOM image (no DICOM header and no pixel data)")
-    if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
+    if "TransferSyntaxUID" not in ds.file_meta:
         # force=True datasets have no transfer syntax; headerless files are implicit VR little endian.
-        from pydicom.dataset import FileMetaDataset
         from pydicom.uid import ImplicitVRLittleEndian
-        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     return ds
 
@@ -461,13 +459,13 @@ def load_dicom(path: str | os.PathLike, *, window: tuple[float, float] | str | N
     if n_frames < 1 or n_frames > MAX_FRAMES:
         raise InvalidImageError(f"DICOM file has {n_frames} frames; at most {MAX_FRAMES} are imported per file")
     indices = list(range(n_frames)) if frames is None else [i for i in frames if 0 <= i < n_frames]
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts = ds.file_meta.get("TransferSyntaxUID")   # a file with a preamble may still lack one
     meta: dict[str, Any] = {
         "modality": _dicom_str(ds, "Modality"),
         "body_part": _dicom_str(ds, "BodyPartExamined"),
         "photometric": _dicom_str(ds, "PhotometricInterpretation"),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
-        "transfer_syntax": str(getattr(ts, "name", ts)) if ts is not None else None,
+        "transfer_syntax": str(ts.name) if ts is not None else None,
         "n_frames": n_frames,
     }
     if _burned_in(ds):

@@ -1,8 +1,8 @@
 """The demo backbone: a small PixArt-α-architecture model trained on the sample dataset, and its recipe.
 
 This module owns ``build_demo_backbone`` (the recipe), its sizes (``DemoArchitecture``) and schedules
-(``DemoSchedule``, ``SCHEDULES``), the manifest written next to the weights, and the
-``demo-backbone build`` sub-command. ``backbone.load_backbone("demo")`` only *loads* the folder the recipe
+(``DemoSchedule``, ``SCHEDULES``) and the manifest written next to the weights (the ``demo-backbone build``
+sub-command is in ``commands/demo.py``). ``backbone.load_backbone("demo")`` only *loads* the folder the recipe
 wrote (``assets/demo_backbone``); nothing here runs when the studio starts.
 
 The recipe, every random draw seeded from ``seed``:
@@ -30,7 +30,6 @@ torch / diffusers / transformers are imported inside functions: the CLI imports 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -144,7 +143,7 @@ def _sample_workspace(workspace: Any) -> Iterator[tuple[Any, Any]]:
         else:
             ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         store = CaptionStore.for_workspace(ws)
-        stack.callback(getattr(store, "close", lambda: None))
+        stack.callback(store.close)
         if not store.has_dataset(DATASET):
             build_sample_dataset(ws, store, DATASET)
         yield ws, store
@@ -523,28 +522,6 @@ def build_demo_backbone(out_dir: str | os.PathLike, *, workspace: Any = None, sc
     return manifest
 
 
-# ---- CLI ------------------------------------------------------------------------------------------------------
-def _cmd_build(args: argparse.Namespace) -> int:
-    m = build_demo_backbone(args.out, workspace=args.workspace, schedule="short" if args.short else "full",
-                            seed=args.seed, log=lambda s: print(s, flush=True))
-    print(json.dumps({"out": str(Path(args.out).resolve()), "total_bytes": m["total_bytes"],
-                      "build_seconds": m["build_seconds"], "metrics": m["metrics"]}))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """``demo-backbone build --out DIR [--short] [--seed N] [--workspace W]`` (no heavy imports here)."""
-    p = subparsers.add_parser("demo-backbone", help="the embedded demo backbone trained on the sample images")
-    sub = p.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
-    b = sub.add_parser("build", help="train it from seeded random weights (about 20 min on 2 CPU cores)")
-    b.add_argument("--out", required=True, help="output folder (a diffusers pipeline folder + MANIFEST.json)")
-    b.add_argument("--short", action="store_true", help="a few steps of the same recipe (a smoke test)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--workspace", "-w", default=None,
-                   help="workspace whose 'sample' dataset to use (default: a temporary one)")
-    b.set_defaults(func=_cmd_build)
-
-
 __all__ = ["DemoArchitecture", "DemoSchedule", "SCHEDULES", "TrainingSet", "build_demo_backbone",
            "build_components", "train_vae", "standardise_latents", "train_dit", "licence_summary",
-           "load_training_set", "file_hashes", "register_cli"]
+           "load_training_set", "file_hashes"]

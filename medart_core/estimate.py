@@ -155,10 +155,8 @@ def _read_configs(spec: str) -> tuple[dict, dict, dict] | None:
     else:
         if spec.count("/") != 1:
             return None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
+        from huggingface_hub import try_to_load_from_cache
+
         paths = []
         for sub in ("transformer", "text_encoder", "vae"):
             hit = try_to_load_from_cache(spec, f"{sub}/config.json")

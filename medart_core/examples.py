@@ -99,7 +99,7 @@ def with_caption_text(examples: list[Example], mode: str, class_caption: Any = N
 def collect_examples(ws: Workspace, store: Any, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(pool, explicit validation split) for ``cfg.captions``, with the text ``cfg.caption_text`` asks for;
     the validation split is empty unless the source is an exported imagefolder that has one."""
-    mode = getattr(cfg, "caption_text", "caption")
+    mode = cfg.caption_text
     source = cfg.captions
     if source not in ("approved", "latest"):
         folder = Path(source).expanduser()

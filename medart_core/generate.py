@@ -40,8 +40,6 @@ torch / diffusers are imported inside functions: the CLI imports this module at 
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
 import math
@@ -59,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .config import JsonConfig
 from .constants import MAX_TOKENS, RANDOM_LABEL
 from .errors import ConfigError, NotFoundError
-from .fileio import atomic_write_text, fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir, sha256_bytes, sha256_file
 from .workspace import Workspace, validate_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -206,11 +204,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_file(p)
     return _SHA_CACHE[key]
 
 
@@ -272,15 +266,6 @@ def png_bytes(image: Any, text: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def truncation_warning(tokenizer: Any, prompt: str, number: int, tokenizer_name: str) -> str | None:
     """A sentence when ``prompt`` (as PixArt lower-cases it) is over 120 T5 tokens, naming what is dropped."""
     from .caption_ops import token_preview
@@ -301,7 +286,7 @@ def _lora_shape_name(lora: dict[str, Any]) -> tuple[str, Any]:
     cfg = LoRAConfig.from_dict(lora)
     d = cfg.to_dict()
     d.pop("dropout", None)
-    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    digest = sha256_bytes(json.dumps(d, sort_keys=True).encode())[:12]
     return f"medart_{digest}", cfg
 
 
@@ -318,11 +303,11 @@ class text_work_once:
     """
 
     def __init__(self, transformer: Any):
-        mods = [getattr(transformer, "caption_projection", None)]
-        for blk in getattr(transformer, "transformer_blocks", []):
-            attn2 = getattr(blk, "attn2", None)
-            if attn2 is not None:
-                mods += [attn2.to_k, attn2.to_v]
+        # (a PixArt transformer without caption channels, or a block without cross-attention, has None here)
+        mods = [transformer.caption_projection]
+        for blk in transformer.transformer_blocks:
+            if blk.attn2 is not None:
+                mods += [blk.attn2.to_k, blk.attn2.to_v]
         self.modules = [m for m in mods if m is not None]
 
     def __enter__(self) -> "text_work_once":
@@ -583,7 +568,7 @@ class Generator:
                         raise ConfigError(f"Checkpoint {ck.ref}: its {part} adapters do not match its LoRA config "
                                           f"(missing e.g. {missing}, unexpected e.g. {extra}).")
                     res = set_peft_model_state_dict(model, tensors, adapter_name=shape.name)
-                    if getattr(res, "unexpected_keys", None):
+                    if res.unexpected_keys:
                         raise ConfigError(f"Checkpoint {ck.ref}: adapter keys {res.unexpected_keys[:3]} match no "
                                           "LoRA layer.")
             self._set_layers(bb.transformer, shape.name, merge=self.merge_dit, strength=strength)
@@ -724,8 +709,8 @@ class Generator:
         if settings["is_random"]:
             png_text[PNG_LABEL_KEY] = RANDOM_LABEL
         data = png_bytes(img, png_text)
-        _write_bytes_atomic(path, data)
-        sha = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(path, data)
+        sha = sha256_bytes(data)
         settings = dict(settings, file=path.name, png_sha256=sha, png_text=png_text,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         atomic_write_text(sidecar, json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False))
@@ -759,8 +744,8 @@ class Generator:
             data = png_bytes(img, dict(s["png_text"]))
             name = Path(s["file"]).name
             path, side = folder / name, folder / (Path(name).stem + ".json")
-            _write_bytes_atomic(path, data)
-            sha_png = hashlib.sha256(data).hexdigest()
+            atomic_write_bytes(path, data)
+            sha_png = sha256_bytes(data)
             settings = dict(s, png_sha256=sha_png, regenerated_from=str(Path(sidecar)),
                             matches_original=sha_png == s["png_sha256"], torch_threads=_threads(),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -946,90 +931,9 @@ def run_generate_job(ctx: Any) -> dict[str, Any]:
             "folder": str(imgs[0].path.parent) if imgs else None}
 
 
-# =========================================================================================================
-# CLI: python -m medart_core generate | regenerate
-# =========================================================================================================
-def _image_json(img: GeneratedImage) -> dict[str, Any]:
-    return {"path": str(img.path), "sidecar": str(img.sidecar), "prompt": img.prompt, "seed": img.seed,
-            "checkpoint": img.checkpoint, "sha256": img.sha256, "is_random": img.is_random,
-            "label": RANDOM_LABEL if img.is_random else None, "warnings": img.warnings,
-            **({"matches_original": img.settings["matches_original"]} if "matches_original" in img.settings
-               else {})}
-
-
-def _print_images(imgs: list[GeneratedImage], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([_image_json(i) for i in imgs]))
-        return
-    if imgs and imgs[0].is_random:
-        print(f"NOTE: {RANDOM_LABEL}: these images are noise from random weights.")
-    for i in imgs:
-        extra = ""
-        if "matches_original" in i.settings:
-            same = i.settings["matches_original"]
-            extra = " (byte-equal to the original)" if same else " (DIFFERS from the original)"
-        print(f"{i.path}\tseed {i.seed}\t{i.checkpoint}{extra}")
-        for w in i.warnings:
-            print(f"warning: {w}", file=sys.stderr)
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    ws = Workspace.open(args.workspace)
-    req = GenerationRequest(prompts=args.prompt or [""], negative=args.negative, checkpoint=args.checkpoint,
-                            steps=args.steps, guidance=args.guidance, seed=args.seed, n=args.n,
-                            resolution=args.resolution, strength=args.strength, batch_size=args.batch_size)
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if not args.json and (time.monotonic() - last[0] > 2 or done == total):
-            last[0] = time.monotonic()
-            print(f"step {done}/{total}", file=sys.stderr)
-
-    imgs = generate(req, ws=ws, backbone=args.backbone, progress=progress, precision=args.precision)
-    _print_images(imgs, args.json)
-    return 0
-
-
-def _cmd_regenerate(args: argparse.Namespace) -> int:
-    img = regenerate(args.sidecar, ws=Workspace.open(args.workspace))
-    _print_images([img], args.json)
-    return 0 if img.settings.get("matches_original") else 1
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``generate`` and ``regenerate`` to the ``python -m medart_core`` parser (no heavy imports here)."""
-    p = subparsers.add_parser("generate", help="generate images from the base model or a run's checkpoint")
-    p.add_argument("--workspace", "-w", default=None, help="workspace folder (default: $MEDART_HOME or ./workspace)")
-    p.add_argument("--prompt", "-p", action="append", default=None, help="a prompt (repeat for several)")
-    p.add_argument("--negative", default="", help='negative prompt (default: "", as the paper)')
-    p.add_argument("--checkpoint", "-c", default=BASE, help="base | RUN (its latest checkpoint) | RUN@STEP")
-    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-    p.add_argument("--seed", type=int, default=None, help=f"seed (default: random, recorded); {SEED_RULE}")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="pixels (default: the checkpoint's training resolution, else the backbone's)")
-    p.add_argument("--backbone", default=None,
-                   help="tiny | small | Hub id | folder (default: the checkpoint's, else $MEDART_BACKBONE or tiny)")
-    p.add_argument("--strength", type=float, default=1.0, help="adapter strength, the LoRA scale (default 1.0)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per DiT call (default 4)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                   help="fp32 | bf16 | auto: bf16 where the device runs it fast (CUDA; CPUs with AVX512-BF16 or "
-                        "AMX-BF16). Default: bf16 on a GPU, fp32 on a CPU (bitwise equal to stock diffusers)")
-    p.add_argument("--json", action="store_true", help="print one JSON list of the images")
-    p.set_defaults(func=_cmd_generate)
-
-    p = subparsers.add_parser("regenerate", help="reproduce a generated image from its JSON sidecar")
-    p.add_argument("sidecar", help="the .json next to a generated PNG (or the PNG)")
-    p.add_argument("--workspace", "-w", default=None, help="workspace folder (default: $MEDART_HOME or ./workspace)")
-    p.add_argument("--json", action="store_true", help="print one JSON list with the image")
-    p.set_defaults(func=_cmd_regenerate)
-
-
 __all__ = [
     "BASE", "SEED_RULE", "SAMPLER", "GenerationRequest", "GeneratedImage", "Generator", "ResolvedCheckpoint",
     "parse_checkpoint_ref", "list_checkpoint_refs", "resolve_checkpoint", "file_sha256", "truncation_warning",
     "tokenizer_label", "read_sidecar", "load_settings", "recent_sidecars", "default_backbone", "get_generator",
     "generate", "regenerate", "sidecar_precision", "png_bytes", "new_batch_id", "prepare_generate_job", "run_generate_job",
-    "register_cli",
 ]

@@ -27,6 +27,8 @@ from .errors import ConfigError, NotFoundError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .hldf import HLDFConfig
+
 # The paper's target lists (PixArt's LoRA recipe). Not every name exists in every model: PixArt-α has no
 # proj_in, and T5 v1.1 (gated-GELU) splits ``wi`` into ``wi_0``/``wi_1``; see :func:`resolve_targets`.
 PAPER_DIT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -201,7 +203,7 @@ def load_lora_state_dict(backbone: Any, sd: Mapping[str, Mapping[str, torch.Tens
             raise ConfigError(f"LoRA state for {part} does not match the attached adapters "
                               f"(missing e.g. {missing}, unexpected e.g. {extra}); check the LoRA config.")
         res = set_peft_model_state_dict(model, dict(tensors))
-        if getattr(res, "unexpected_keys", None):
+        if res.unexpected_keys:
             raise ConfigError(f"LoRA state for {part} had unexpected keys {res.unexpected_keys[:3]}.")
 
 
@@ -272,11 +274,10 @@ def _merged_copy(model: Any) -> Any:
             setattr(parent, child, module.get_base_layer())
     merged.requires_grad_(False)
     for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(merged, attr):
-            try:
-                delattr(merged, attr)
-            except AttributeError:
-                pass
+        try:
+            delattr(merged, attr)
+        except AttributeError:
+            pass    # not set on this instance (diffusers' class default, or no adapter config recorded)
     return merged
 
 
@@ -301,7 +302,8 @@ def export_merged(backbone: Any, folder: str | Path, *, card: str | None = None)
     return folder
 
 
-def model_card(*, base_model: str, lora: LoRAConfig, hldf: Any = None, dataset: str | None = None,
+def model_card(*, base_model: str, lora: LoRAConfig, hldf: HLDFConfig | Mapping[str, Any] | None = None,
+               dataset: str | None = None,
                provenance: Mapping[str, Any] | None = None, steps: int | None = None,
                metrics: Mapping[str, Any] | None = None, is_random: bool = False) -> str:
     """Markdown model card: base model, LoRA/HLDF config, data provenance, metrics, intended use.
@@ -326,7 +328,7 @@ def model_card(*, base_model: str, lora: LoRAConfig, hldf: Any = None, dataset: 
         lines.append(f"- Optimiser steps: {steps}")
     lines += ["- LoRA config:", "", "```json", lora.to_json(), "```", ""]
     if hldf is not None:
-        hjson = hldf.to_json() if hasattr(hldf, "to_json") else json.dumps(hldf, indent=2, sort_keys=True)
+        hjson = json.dumps(dict(hldf), indent=2, sort_keys=True) if isinstance(hldf, Mapping) else hldf.to_json()
         lines += ["- HLDF config (Med-Art hybrid-level fine-tuning):", "", "```json", hjson, "```", ""]
     lines += ["## Data provenance", "", "```json",
               json.dumps(dict(provenance or {}), indent=2, sort_keys=True, default=str), "```", ""]

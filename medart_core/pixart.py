@@ -265,10 +265,9 @@ def decode(vae: Any, latents: torch.Tensor, *, checkpoint: bool = False) -> torc
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0].float()
 
     z = latents.to(vae.dtype)
-    dec = getattr(vae, "decoder", None)
-    if not (checkpoint and torch.is_grad_enabled() and hasattr(dec, "gradient_checkpointing")):
+    if not (checkpoint and torch.is_grad_enabled()):
         return run(z)
-    with _block_checkpointing(dec):
+    with _block_checkpointing(vae.decoder):
         return run(z)
 
 

@@ -75,7 +75,7 @@ def cpu_bf16_support(flags: frozenset[str] | None = None) -> tuple[bool, str]:
 
 
 def _device_type(device: Any) -> str:
-    return str(getattr(device, "type", device) or "cpu").split(":")[0]
+    return str(device or "cpu").split(":")[0]     # a torch.device prints as "cuda:0"
 
 
 def cuda_bf16_support() -> bool:

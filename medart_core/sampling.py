@@ -52,33 +52,27 @@ class Schedule:
         return int(self.timesteps.shape[0])
 
 
-def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def alphas_cumprod(config: Any) -> torch.Tensor:
+def alphas_cumprod(config: Mapping[str, Any]) -> torch.Tensor:
     """ᾱ_t of the DDPM training schedule described by a scheduler config (float32, as diffusers builds it)."""
     import torch
 
-    n = int(_cfg_get(config, "num_train_timesteps", 1000))
-    b0, b1 = float(_cfg_get(config, "beta_start", 1e-4)), float(_cfg_get(config, "beta_end", 0.02))
-    kind = _cfg_get(config, "beta_schedule", "linear")
-    if _cfg_get(config, "trained_betas") is not None:
-        betas = torch.tensor(_cfg_get(config, "trained_betas"), dtype=torch.float32)
+    n = int(config.get("num_train_timesteps", 1000))
+    b0, b1 = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    kind = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config.get("trained_betas"), dtype=torch.float32)
     elif kind == "linear":
         betas = torch.linspace(b0, b1, n, dtype=torch.float32)
     elif kind == "scaled_linear":
         betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
     else:
         raise ConfigError(f"beta_schedule {kind!r} is not supported; use 'linear' (PixArt-α) or 'scaled_linear'.")
-    if _cfg_get(config, "rescale_betas_zero_snr", False):
+    if config.get("rescale_betas_zero_snr", False):
         raise ConfigError("rescale_betas_zero_snr is not supported by the differentiable sampler; turn it off.")
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def dpm_schedule(config: Any, steps: int) -> Schedule:
+def dpm_schedule(config: Mapping[str, Any], steps: int) -> Schedule:
     """Timesteps and sigmas for ``steps`` DPM-Solver++ steps, identical to ``scheduler.set_timesteps(steps)``.
 
     ``config`` is a scheduler config (``scheduler.config`` or a dict). Karras/Lu/exponential/beta sigmas,
@@ -90,23 +84,23 @@ def dpm_schedule(config: Any, steps: int) -> Schedule:
     if steps < 1:
         raise ConfigError(f"sampling steps must be >= 1, got {steps}.")
     for key, want in _REQUIRED.items():
-        got = _cfg_get(config, key, want)
+        got = config.get(key, want)
         if got != want:
             raise ConfigError(f"scheduler {key}={got!r} is not supported by the differentiable sampler "
                               f"(needs {want!r}, the PixArt-α setting).")
     for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas",
                  "use_flow_sigmas", "thresholding", "use_dynamic_shifting"):
-        if _cfg_get(config, flag, False):
+        if config.get(flag, False):
             raise ConfigError(f"scheduler option {flag}=True is not supported by the differentiable sampler.")
-    lmc = _cfg_get(config, "lambda_min_clipped", -math.inf)
+    lmc = config.get("lambda_min_clipped", -math.inf)
     if lmc is not None and lmc != -math.inf:
         raise ConfigError("lambda_min_clipped is not supported by the differentiable sampler; leave it at -inf.")
-    final = _cfg_get(config, "final_sigmas_type", "zero")
+    final = config.get("final_sigmas_type", "zero")
 
     acp = alphas_cumprod(config)
     n = acp.shape[0]
-    spacing = _cfg_get(config, "timestep_spacing", "linspace")
-    offset = int(_cfg_get(config, "steps_offset", 0) or 0)
+    spacing = config.get("timestep_spacing", "linspace")
+    offset = int(config.get("steps_offset", 0) or 0)
     # The three spacings of Lin et al. 2023 (arXiv 2305.08891, Table 2), same rounding as diffusers.
     if spacing == "linspace":
         ts = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -130,11 +124,11 @@ def dpm_schedule(config: Any, steps: int) -> Schedule:
     return Schedule(timesteps=torch.from_numpy(ts).to(torch.int64), sigmas=torch.from_numpy(sig))
 
 
-def final_step_first_order(config: Any, steps: int) -> bool:
+def final_step_first_order(config: Mapping[str, Any], steps: int) -> bool:
     """Whether the scheduler takes its last step at first order (diffusers' ``lower_order_final`` rule)."""
-    return bool(_cfg_get(config, "euler_at_final", False)
-                or (_cfg_get(config, "lower_order_final", True) and steps < 15)
-                or _cfg_get(config, "final_sigmas_type", "zero") == "zero")
+    return bool(config.get("euler_at_final", False)
+                or (config.get("lower_order_final", True) and steps < 15)
+                or config.get("final_sigmas_type", "zero") == "zero")
 
 
 def _alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

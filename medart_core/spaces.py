@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from .hub import is_offline
 
 if TYPE_CHECKING:
-    from .durable import StartupReport
     from .workspace import Workspace
 
 ZERO_GPU_TRAINING_REASON = ("ZeroGPU gives a GPU per call, for seconds to minutes; a training run cannot live "
@@ -205,19 +204,16 @@ def environment(workspace: str | os.PathLike | None = None) -> Environment:
     elif not _nvidia_driver_possible():
         pass                     # no NVIDIA driver: CUDA cannot be there, and importing torch costs seconds
     else:
+        import torch
+
         try:
-            import torch
-        except ImportError:
-            torch = None
-        if torch is not None:
-            try:
-                cuda = bool(torch.cuda.is_available())
-            except Exception:
-                cuda = False
-            if cuda:
-                gpus = _query_gpus() or _torch_gpus(torch)
-                if not gpus:
-                    gpus = tuple(GPUInfo("CUDA device") for _ in range(max(1, torch.cuda.device_count())))
+            cuda = bool(torch.cuda.is_available())
+        except Exception:
+            cuda = False
+        if cuda:
+            gpus = _query_gpus() or _torch_gpus(torch)
+            if not gpus:
+                gpus = tuple(GPUInfo("CUDA device") for _ in range(max(1, torch.cuda.device_count())))
     ws = str(Path(workspace).resolve()) if workspace is not None else None
     return Environment(
         on_spaces=spaces_on,
@@ -289,8 +285,6 @@ def offline_backbone() -> str:
     """The embedded backbone that needs no download: ``demo`` when this build has it, else ``tiny``."""
     from . import backbone
 
-    if "demo" in getattr(backbone, "PRESETS", {}):
-        return "demo"
     # The same test the loader makes before anything else (backbone._demo_dir); loading the weights here would
     # import diffusers and cost seconds of every studio start.
     return "demo" if (backbone.DEMO_DIR / "model_index.json").is_file() else "tiny"

@@ -20,7 +20,6 @@ module at start-up.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import hldf, provenance
 from .checkpoint import (
@@ -54,11 +53,8 @@ from .seeds import derive_seed
 from .train_config import (
     RESUME_MUTABLE,
     TrainConfig,
-    add_config_arguments,
     load_run_config,
-    merge_config,
     merge_for_resume,
-    overrides_from_args,
 )
 from .workspace import RunLayout, Workspace
 
@@ -66,7 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["train", "TrainConfig", "TrainCallbacks", "TrainResult", "RunState", "read_metrics",
-           "add_train_arguments", "config_from_args", "RESUME_MUTABLE"]
+           "RESUME_MUTABLE"]
 
 
 # =========================================================================================================
@@ -698,78 +694,3 @@ def _average_gradients(params: list[Any], env: Env) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
-
-
-# =========================================================================================================
-# CLI: python -m medart_core train | export-model
-# =========================================================================================================
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``train`` options: where and which run, plus one flag per TrainConfig field."""
-    p.add_argument("--workspace", "-w", default=None, help="workspace folder (default: $MEDART_HOME or ./workspace)")
-    p.add_argument("--preset", default=None, help="paper | small-gpu | cpu-smoke (default: cpu-smoke)")
-    p.add_argument("--config", default=None, help="JSON file with TrainConfig fields; overrides the preset")
-    p.add_argument("--resume", default=None, metavar="RUN", help="continue run RUN from its latest checkpoint")
-    p.add_argument("--run", default=None, metavar="NAME", help="name of a new run (default: dataset + UTC time)")
-    add_config_arguments(p)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig | None:
-    """Preset (or, on resume, the run's saved config), then --config JSON (partial), then the flags.
-    ``None`` when resuming with nothing to change."""
-    from .presets import load_preset
-
-    flags = overrides_from_args(args)
-    if args.resume and not args.config and args.preset is None and not flags:
-        return None
-    if args.resume:
-        d = load_run_config(Workspace.open(args.workspace).run_layout(args.resume).config).to_dict()
-    else:
-        d = load_preset(args.preset or "cpu-smoke")
-    if args.config:
-        try:
-            extra = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"Cannot read --config {args.config}: {e}") from None
-        d = merge_config(d, extra)
-    return TrainConfig.from_dict(merge_config(d, flags))
-
-
-def main_train(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    """Entry point of ``python -m medart_core train``; returns the exit status."""
-    if args is None:
-        p = argparse.ArgumentParser(prog="medart_core train")
-        add_train_arguments(p)
-        args = p.parse_args(argv)
-    from .captions import CaptionStore
-
-    ws = Workspace.open(args.workspace)
-    store = CaptionStore.for_workspace(ws)
-    result = train(config_from_args(args), ws, store, run_name=args.run, resume=args.resume)
-    print(json.dumps({"run": result.run, "status": result.status, "step": result.step,
-                      "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
-                      "exports": result.exports, "over_long_captions": result.over_long_captions,
-                      "train_images_per_s": result.train_images_per_s, "elapsed_s": result.elapsed_s}))
-    return 0
-
-
-def _cmd_export_model(args: argparse.Namespace) -> int:
-    from .export import export_model
-
-    ws = Workspace.open(args.workspace)
-    print(json.dumps(export_model(ws, args.run, args.out, step=args.step, merged=not args.adapters_only)))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``train`` and ``export-model`` to the ``python -m medart_core`` parser (no heavy imports here)."""
-    p = subparsers.add_parser("train", help="fine-tune LoRA adapters with HLDF (resumable)")
-    add_train_arguments(p)
-    p.set_defaults(func=lambda args: main_train(args=args))
-
-    p = subparsers.add_parser("export-model", help="export a run's checkpoint: PEFT adapters + merged pipeline")
-    p.add_argument("--workspace", "-w", default=None)
-    p.add_argument("--run", required=True)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--adapters-only", action="store_true", help="skip the merged pipeline (a full model copy)")
-    p.set_defaults(func=_cmd_export_model)

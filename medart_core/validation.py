@@ -5,12 +5,12 @@ labelled on the grid.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .constants import MAX_TOKENS, RANDOM_LABEL
+from .fileio import atomic_write
 from .seeds import derive_seed
 from .workspace import RunLayout
 
@@ -194,10 +194,7 @@ class Validator:
         grid = render_grid(rows, title=f"{self.run_name} step {step} seeds {list(cfg.validation_seeds)}",
                            row_labels=self.prompts, is_random=bb.is_random)
         path = self.layout.validation_grid(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: grid.save(f, format="PNG"), binary=True)
         return ValidationResult(grid=path, loss=loss, problem=None)
 
 

@@ -22,12 +22,9 @@ start-up.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import re
-import sys
 import unicodedata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -312,7 +309,7 @@ class Drafter(ABC):
             "kind": self.kind, "source": self.source, "max_retries": self.max_retries, "seed": self.seed,
             "max_tokens": self.max_tokens,
             "tokenizer": self.backbone if tok is None else
-            f"{getattr(tok, 'name_or_path', '') or type(tok).__name__}:{len(tok)}",
+            f"{tok.name_or_path or type(tok).__name__}:{len(tok)}",
             "modality": self.modality,
             "prompt": self.prompt.to_dict() if self.prompt else None,
             "seed_captions": dict(sorted(self.seed_captions.items())),
@@ -483,6 +480,14 @@ def _load_error(spec: str, what: str, exc: BaseException) -> MissingWeightsError
 _LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError)
 
 
+def _from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(spec, **kwargs)``; a missing or incomplete checkpoint raises MissingWeightsError."""
+    try:
+        return loader.from_pretrained(spec, **kwargs)
+    except _LOAD_ERRORS as e:
+        raise _load_error(spec, what, e) from e
+
+
 def _device_dtype(device: str | None, dtype: Any) -> tuple[Any, Any]:
     import torch
 
@@ -576,15 +581,9 @@ class VLMDrafter(Drafter):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self._device, self._dtype = _device_dtype(self.device_name, self.dtype_arg)
-        try:
-            processor = AutoProcessor.from_pretrained(self.model_spec, local_files_only=self.local_only)
-        except _LOAD_ERRORS as e:
-            raise _load_error(self.model_spec, "VLM processor", e) from e
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(self.model_spec, dtype=self._dtype,
-                                                                local_files_only=self.local_only)
-        except _LOAD_ERRORS as e:
-            raise _load_error(self.model_spec, "VLM", e) from e
+        processor = _from_pretrained(AutoProcessor, self.model_spec, "VLM processor", local_files_only=self.local_only)
+        model = _from_pretrained(AutoModelForImageTextToText, self.model_spec, "VLM", dtype=self._dtype,
+                                 local_files_only=self.local_only)
         tok = getattr(processor, "tokenizer", None)
         if tok is None:
             raise ConfigError(f"{self.model_spec} has no tokenizer in its processor; it is not a chat VLM.")
@@ -595,7 +594,7 @@ class VLMDrafter(Drafter):
 
     def _chat_text(self, prompt: str) -> str:
         proc = self._processor
-        if getattr(proc, "chat_template", None) or getattr(proc.tokenizer, "chat_template", None):
+        if proc.chat_template or proc.tokenizer.chat_template:
             conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             return proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         token = getattr(proc, "image_token", None) or "<image>"
@@ -686,15 +685,9 @@ class ShortenDrafter(Drafter):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self._device, self._dtype = _device_dtype(self.device_name, self.dtype_arg)
-        try:
-            tok = AutoTokenizer.from_pretrained(self.model_spec, local_files_only=self.local_only)
-        except _LOAD_ERRORS as e:
-            raise _load_error(self.model_spec, "shortening tokenizer", e) from e
-        try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(self.model_spec, dtype=self._dtype,
-                                                          local_files_only=self.local_only)
-        except _LOAD_ERRORS as e:
-            raise _load_error(self.model_spec, "shortening model", e) from e
+        tok = _from_pretrained(AutoTokenizer, self.model_spec, "shortening tokenizer", local_files_only=self.local_only)
+        model = _from_pretrained(AutoModelForSeq2SeqLM, self.model_spec, "shortening model", dtype=self._dtype,
+                                 local_files_only=self.local_only)
         self._tok, self._model = tok, model.to(self._device).eval()
 
     def _generate(self, items: Sequence[DraftItem], seeds: Sequence[int]) -> list[tuple[str, str | None]]:
@@ -825,7 +818,7 @@ def caption_dataset(ws: "Workspace", store: "CaptionStore", dataset: str, drafte
     drafter.prepare(ws, store, dataset)
     key = drafter.config_key
     records = store.list_images(dataset)
-    batch_id = store.new_batch_id("caption") if hasattr(store, "new_batch_id") else None
+    batch_id = store.new_batch_id("caption")
     report = CaptionRunReport(done=0, total=len(records), failures=0, skipped=0, config_key=key, batch_id=batch_id)
     over_only = only_over_limit or drafter.needs_text
 
@@ -921,117 +914,3 @@ def approve_drafts(store: "CaptionStore", dataset: str, *, reviewer: str) -> int
         except ConflictError:
             continue
     return n
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-def register_cli(subparsers: Any) -> None:
-    """Add ``caption`` and ``review`` sub-commands (each sets ``func(args) -> int``)."""
-    p = subparsers.add_parser("caption", help="Draft captions for a dataset (template, VLM or T5 shortening).",
-                              description="Draft captions for every image of a dataset. Resumable: run it "
-                                          "again to continue; images already drafted with the same settings "
-                                          "are skipped. Drafts never replace human edits or approvals.")
-    p.add_argument("--workspace", "-w", default=None,
-                   help="workspace folder (default: $MEDART_HOME or ./workspace)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--drafter", choices=DRAFTERS, default="template")
-    p.add_argument("--model", default=None, help=f"Hub id or local folder (vlm: {DEFAULT_VLM}; "
-                                                 f"shorten: {DEFAULT_SHORTENER})")
-    p.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--only-over-limit", action="store_true",
-                   help="only images whose caption is over the 120-token limit")
-    p.add_argument("--backbone", default=os.environ.get("MEDART_BACKBONE") or DEFAULT_BACKBONE_SPEC,
-                   help="backbone whose T5 tokenizer counts the 120-token limit: tiny (offline demo), a Hub id "
-                        f"or a folder (default: $MEDART_BACKBONE or {DEFAULT_BACKBONE_SPEC})")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_cli_caption)
-
-    r = subparsers.add_parser("review", help="Bulk review actions on a dataset's captions.")
-    r.add_argument("--workspace", "-w", default=None,
-                   help="workspace folder (default: $MEDART_HOME or ./workspace)")
-    r.add_argument("--dataset", required=True)
-    r.add_argument("--approve-drafts", action="store_true", required=True,
-                   help="approve every pending image whose caption is an unedited draft")
-    r.add_argument("--reviewer", default=None, help="name recorded on the approvals (default: your user name)")
-    r.set_defaults(func=_cli_review)
-
-
-def _open(args: argparse.Namespace):
-    from .captions import CaptionStore
-    from .workspace import Workspace
-
-    ws = Workspace.open(args.workspace)
-    return ws, CaptionStore.for_workspace(ws)
-
-
-def _cli_caption(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    ws, store = _open(args)
-    kw: dict[str, Any] = dict(max_retries=args.max_retries, seed=args.seed, backbone=args.backbone)
-    if args.batch_size:
-        kw["batch_size"] = args.batch_size
-    if args.device and args.drafter != "template":
-        kw["device"] = args.device
-    drafter = make_drafter(args.drafter, model=args.model, **kw)
-    try:  # fail before the progress bar if the tokenizer that counts the 120 tokens is not available
-        from .backbone import load_tokenizer
-
-        load_tokenizer(args.backbone)
-    except MissingWeightsError as e:
-        raise MissingWeightsError(
-            f"The 120-token check counts with the T5 tokenizer of --backbone {args.backbone!r}, which is not "
-            f"available here. Pass --backbone tiny (offline demo) or a local folder, or set MEDART_BACKBONE. "
-            f"Details: {e}") from e
-    bar = tqdm(total=store.count_images(args.dataset), unit="img", desc=f"caption {args.dataset}")
-
-    def progress(done: int, total: int, failures: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.set_postfix(failures=failures)
-        bar.refresh()
-
-    try:
-        report = caption_dataset(ws, store, args.dataset, drafter, progress=progress,
-                                 only_over_limit=args.only_over_limit)
-    finally:
-        bar.close()
-    print(report.summary())
-    for image_id, why in report.errors[:10]:
-        print(f"  image {image_id}: {why}", file=sys.stderr)
-    return 0
-
-
-def _cli_review(args: argparse.Namespace) -> int:
-    import getpass
-
-    ws, store = _open(args)
-    reviewer = args.reviewer
-    if not reviewer:
-        try:
-            reviewer = getpass.getuser()
-        except Exception:  # no user name in some containers
-            reviewer = "cli"
-    n = approve_drafts(store, args.dataset, reviewer=reviewer)
-    print(f"Approved {n} draft caption(s) in {args.dataset} as {reviewer}.")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medart_core.vsg caption|review ...`` (the same commands as ``python -m medart_core``)."""
-    parser = argparse.ArgumentParser(prog="python -m medart_core.vsg")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except MedArtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

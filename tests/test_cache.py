@@ -3,31 +3,18 @@ cached features equal to a direct computation."""
 from __future__ import annotations
 
 import pytest
-from training_data import make_dataset
+from training_data import make_dataset, tiny_train_config
 
 from medart_core.errors import ConfigError, StaleCacheError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def cached_config(**over):
-    from medart_core.train import TrainConfig
-
-    d = dict(backbone="tiny", resolution=32, dataset="mini", captions="latest",
-             lora={"rank": 2, "alpha": 2.0, "t5_enabled": False},
-             hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False},
-             batch_size=1, max_steps=2, checkpoint_every=2, validate_every=100, validation_steps=2,
-             validation_seeds=[0], val_images=1, export_merged=False, cache_features=True)
-    d.update(over)
-    return TrainConfig.from_dict(d)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """The tiny run with the feature cache on (T5 frozen: the cache refuses a T5 with LoRA)."""
+    return tiny_train_config(**{"lora": {"rank": 2, "alpha": 2.0, "t5_enabled": False},
+                                "hldf": {"pixel_every": 2, "sample_steps": 2, "checkpointing": False},
+                                "max_steps": 2, "cache_features": True, **over})
 
 
 def _items(ws, store, cfg):

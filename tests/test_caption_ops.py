@@ -9,7 +9,7 @@ import pytest
 
 from bench.caption_latency import build_review_dataset
 from medart_core import caption_ops as ops
-from medart_core.backbone import count_tokens, load_tokenizer
+from medart_core.backbone import count_tokens
 from medart_core.errors import ConfigError, ConflictError, NotFoundError
 from studio import render
 
@@ -26,11 +26,6 @@ def ds(ws, store):
                expected_version=store.current(ids[1]).version)
     store.set_status(ids[2], "rejected", reviewer="ben", expected_version=store.current(ids[2]).version)
     return ids
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
 
 
 def _ids(states):
@@ -64,15 +59,15 @@ def test_text_search_substring_and_regex(store, ds):
         ops.filter_states(store, "mini", ops.CaptionFilter(search="(unclosed", regex=True))
 
 
-def test_over_limit_filter_uses_t5_counts(store, ds, tok):
+def test_over_limit_filter_uses_t5_counts(store, ds, tiny_tok):
     long = "An endoscopic image of normal cecum " + "with folds and vessels " * 40
     store.edit(ds[5], long, reviewer="ana", expected_version=store.current(ds[5]).version)
-    counter = ops.TokenCounter(tok)
+    counter = ops.TokenCounter(tiny_tok)
     over = ops.filter_states(store, "mini", ops.CaptionFilter(over_limit=True), counter=counter)
     assert _ids(over) == [ds[5]]
-    assert counter.count(long) == count_tokens(tok, long) > ops.MAX_TOKENS
-    assert counter.count_many(["a", long, "a"]) == [count_tokens(tok, "a"), count_tokens(tok, long),
-                                                    count_tokens(tok, "a")]
+    assert counter.count(long) == count_tokens(tiny_tok, long) > ops.MAX_TOKENS
+    assert counter.count_many(["a", long, "a"]) == [count_tokens(tiny_tok, "a"), count_tokens(tiny_tok, long),
+                                                    count_tokens(tiny_tok, "a")]
     with pytest.raises(ConfigError):
         ops.filter_states(store, "mini", ops.CaptionFilter(over_limit=True))
 
@@ -93,19 +88,19 @@ def test_word_diff_segments_and_escaped_html():
     assert "<script>" not in xss and html.unescape(re.sub(r"<[^>]+>", "", xss)) == "<script>alert(1)</script>"
 
 
-def test_token_preview_shows_the_truncated_tail(tok):
+def test_token_preview_shows_the_truncated_tail(tiny_tok):
     short = "An endoscopic image of polyps."
-    p = ops.token_preview(tok, short)
-    assert (p.n_tokens, p.over, p.kept, p.cut) == (count_tokens(tok, short), False, short, "")
+    p = ops.token_preview(tiny_tok, short)
+    assert (p.n_tokens, p.over, p.kept, p.cut) == (count_tokens(tiny_tok, short), False, short, "")
     long = "An endoscopic image of polyps " + " ".join(f"word{i}" for i in range(200))
-    p = ops.token_preview(tok, long)
-    assert p.over and p.n_tokens == count_tokens(tok, long)
+    p = ops.token_preview(tiny_tok, long)
+    assert p.over and p.n_tokens == count_tokens(tiny_tok, long)
     assert p.kept + p.cut == long and p.cut
     # what is kept is exactly what PixArt's truncation keeps: limit-1 content tokens plus </s>
-    kept_ids = tok(p.kept, add_special_tokens=True)["input_ids"]
-    trunc_ids = tok(long, add_special_tokens=True, truncation=True, max_length=ops.MAX_TOKENS)["input_ids"]
+    kept_ids = tiny_tok(p.kept, add_special_tokens=True)["input_ids"]
+    trunc_ids = tiny_tok(long, add_special_tokens=True, truncation=True, max_length=ops.MAX_TOKENS)["input_ids"]
     assert kept_ids == trunc_ids
-    html_out = render.token_counter_html(ops.token_preview(tok, long + " <img src=x onerror=alert(1)>"))
+    html_out = render.token_counter_html(ops.token_preview(tiny_tok, long + " <img src=x onerror=alert(1)>"))
     assert "<img" not in html_out and "&lt;img" in html_out and "over" in html_out
 
 

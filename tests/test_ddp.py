@@ -3,16 +3,11 @@ images, average their gradients, and end with identical adapter weights; only ra
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from training_data import make_dataset
-
-REPO = Path(__file__).resolve().parent.parent
+from training_data import REPO, make_dataset, subprocess_env, tiny_train_config
 
 SCRIPT = r'''
 import json, sys
@@ -34,35 +29,24 @@ print(json.dumps({"rank": rank, "world": dist.get_world_size() if dist.is_initia
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path):
+def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path, free_port):
     import torch
     from safetensors.torch import load_file
 
     from medart_core.checkpoint import read_checkpoint
-    from medart_core.train import TrainConfig
-
     make_dataset(ws, store, n=7)
-    cfg = TrainConfig.from_dict(dict(
-        backbone="tiny", resolution=32, dataset="mini", captions="latest", lora={"rank": 2, "alpha": 2.0},
-        hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False}, batch_size=1, max_steps=4,
-        checkpoint_every=2, validate_every=4, validation_steps=2, validation_seeds=[0], val_images=1,
-        export_merged=False, lr=1e-2))
+    cfg = tiny_train_config(lora={"rank": 2, "alpha": 2.0},
+                            hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False},
+                            validate_every=4, lr=1e-2)
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     (tmp_path / "script.py").write_text(SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                         str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     reports = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')),
                      key=lambda d: d["rank"])

@@ -15,13 +15,7 @@ from medart_core.errors import ConfigError, MissingWeightsError, NotFoundError
 
 PROMPTS = ["An endoscopic image of polyps", "An endoscopic image of esophagitis"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +259,9 @@ def test_request_validation():
 
 
 def test_cli_generate_and_regenerate(env, capsys):
-    from medart_core.generate import register_cli
+    from medart_core.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["generate", "-w", str(env.root), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                               "--checkpoint", "r1", "--steps", "2", "--seed", "3", "--n", "1", "--json"])
     assert args.func(args) == 0

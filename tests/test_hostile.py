@@ -17,7 +17,6 @@ import hashlib
 import http.client
 import json
 import re
-import socket
 import sqlite3
 import uuid
 from collections import Counter
@@ -42,12 +41,6 @@ def pw(user: str) -> str:
     return f"pw-{user}-long-enough"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Live:
     url: str
@@ -56,6 +49,7 @@ class Live:
     store: Any
     demo: Any
     ids: list[int]
+    ctx: Any = None
     sessions: dict[str, Any] = field(default_factory=dict)     # user -> httpx.Client with the sign-in cookie
     clients: dict[str, Any] = field(default_factory=dict)      # user -> gradio_client.Client(auth=...)
     probes: dict[str, Path] = field(default_factory=dict)
@@ -65,7 +59,7 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, free_port):
     import httpx
     import numpy as np
     from gradio_client import Client
@@ -120,10 +114,10 @@ def live(tmp_path_factory):
     assert access.mode == "password"
     ctx = StudioContext(ws=ws, store=store, backbone_spec="tiny", access=access)
     demo = configure_queue(build_app(ctx))
-    port = _free_port()
+    port = free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                             **serve_kwargs(ctx))
-    lv = Live(url.rstrip("/"), port, ws, store, demo, ids, probes=probes)
+    lv = Live(url.rstrip("/"), port, ws, store, demo, ids, ctx=ctx, probes=probes)
     try:
         for user in USERS:
             h = httpx.Client(base_url=lv.url, timeout=60)
@@ -456,10 +450,7 @@ def test_user_text_comes_back_as_text(live):
 
 def test_the_signed_in_user_is_who_did_it(live, monkeypatch):
     """Caption events carry the signed-in user (a typed name is ignored); job submissions carry owner=."""
-    import functools
-
-    from medart_core.jobs import JobLedger, LocalExecutor
-    from studio import finetune_tab
+    from medart_core.jobs import JobLedger
 
     ann = live.clients["ann"]
     out = ann.predict("", api_name="/caption_load")
@@ -473,7 +464,7 @@ def test_the_signed_in_user_is_who_did_it(live, monkeypatch):
     hist = live.store.history(image_id)
     assert len(hist) == n + 1 and hist[-1].reviewer == "ann", [(e.kind, e.reviewer) for e in hist[-2:]]
 
-    monkeypatch.setattr(finetune_tab, "LocalExecutor", functools.partial(LocalExecutor, start_supervisor=False))
+    monkeypatch.setattr(live.ctx.executor, "start_supervisor", False)      # Launch queues; nothing trains it
     form = ["kb", "latest", "tiny", "cpu-smoke"] + [None] * 14
     live.clients["tra"].predict("owner-check", *form, api_name="/finetune_launch")
     ledger = JobLedger(live.ws)

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
-from test_hostile import _free_port, get_raw, pw
+from test_hostile import get_raw, pw
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ class Server:
         return h
 
 
-def _launch(root: Path, users: dict[str, str], **policy_kw: Any) -> Server:
+def _launch(root: Path, port: int, users: dict[str, str], **policy_kw: Any) -> Server:
     from bench.caption_latency import build_review_dataset
     from medart_core.accounts import UserStore
     from medart_core.captions import CaptionStore
@@ -81,15 +81,15 @@ def _launch(root: Path, users: dict[str, str], **policy_kw: Any) -> Server:
     policy = GatePolicy.for_serving("127.0.0.1", mode, env={}, **policy_kw)
     ctx = StudioContext(ws=ws, store=store, backbone_spec="tiny", access=access)
     demo = configure_queue(build_app(ctx))
-    port = _free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                             **serve_kwargs(ctx, policy=policy))
     return Server(url.rstrip("/"), port, ws, store, ctx, demo, us, ids)
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    s = _launch(tmp_path_factory.mktemp("gate"), USERS, hosts=[HOST], origins=[PORTAL], upload_mb_per_hour=2)
+def srv(tmp_path_factory, free_port):
+    s = _launch(tmp_path_factory.mktemp("gate"), free_port(), USERS, hosts=[HOST], origins=[PORTAL],
+                upload_mb_per_hour=2)
     try:
         for user in USERS:
             s.sessions[user] = s.sign_in(user)
@@ -380,8 +380,8 @@ def test_oauth_identities_take_the_stored_spelling(tmp_path):
 
 
 # ---- 8. open mode answers only to its own host ------------------------------------------------------------
-def test_open_mode_refuses_foreign_hosts(tmp_path):
-    s = _launch(tmp_path, {})
+def test_open_mode_refuses_foreign_hosts(tmp_path, free_port):
+    s = _launch(tmp_path, free_port(), {})
     try:
         assert s.ctx.access.mode == "open"
         h = s.client()

@@ -7,9 +7,7 @@ the Users tab refused. Screenshots go to ``$MEDART_SCREENSHOTS`` (default /tmp) 
 """
 from __future__ import annotations
 
-import functools
 import os
-import socket
 
 import pytest
 
@@ -19,18 +17,10 @@ XSS_REVIEWER = "<img src=x onerror=window.__xss=3>"
 USERS = {"ann": ("annotator", "annotator-password"), "tra": ("trainer", "trainer-password")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def served(ws, store, monkeypatch):
+def served(ws, store, monkeypatch, free_port):
     from bench.caption_latency import build_review_dataset
     from medart_core.accounts import UserStore
-    from medart_core.jobs import LocalExecutor
-    from studio import finetune_tab
     from studio.app import build_app, configure_queue, serve_kwargs
     from studio.auth import Access
     from studio.context import StudioContext
@@ -42,12 +32,12 @@ def served(ws, store, monkeypatch):
     users = UserStore.for_workspace(ws)
     for name, (role, password) in USERS.items():
         users.add(name, role, password)
-    # Launch queues the job; no supervisor process trains it here.
-    monkeypatch.setattr(finetune_tab, "LocalExecutor", functools.partial(LocalExecutor, start_supervisor=False))
     ctx = StudioContext(ws=ws, store=store, backbone_spec="tiny", access=Access.for_workspace(ws))
+    # Launch queues the job; no supervisor process trains it here.
+    monkeypatch.setattr(ctx.executor, "start_supervisor", False)
     assert ctx.access.mode == "password"
     demo = configure_queue(build_app(ctx))
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                             **serve_kwargs(ctx))
     yield url, ws, store, ids
     demo.close()

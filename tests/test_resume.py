@@ -4,7 +4,6 @@ pixel-level HLDF steps after the resumes included."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,24 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from training_data import make_dataset
+from training_data import REPO, TINY_RUN, make_dataset, subprocess_env
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
 
-CONFIG = {
-    "backbone": "tiny", "resolution": 32, "dataset": "mini", "captions": "latest",
-    "lora": {"rank": 2, "alpha": 2.0, "t5_enabled": True},
-    "hldf": {"pixel_every": 3, "sample_steps": 2, "checkpointing": False},
-    "batch_size": 1, "max_steps": MAX_STEPS, "checkpoint_every": 1, "keep_checkpoints": 2,
-    "validate_every": 100, "validation_steps": 2, "validation_seeds": [0], "val_images": 1,
-    "export_merged": False,
-}
-
-
-def _env() -> dict[str, str]:
-    # One thread: identical arithmetic in every process, and no oversubscription on a shared 2-core box.
-    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+CONFIG = dict(TINY_RUN, max_steps=MAX_STEPS, checkpoint_every=1, keep_checkpoints=2)
 
 
 def _train_cmd(ws, *args: str) -> list[str]:
@@ -52,7 +38,7 @@ def _max_step(metrics: Path) -> int:
 def _run_and_kill(cmd: list[str], metrics: Path, kill_at: int, log: Path) -> int:
     """Start ``cmd``, SIGKILL it once the metrics log reaches ``kill_at``; returns the step seen at the kill."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         try:
             while _max_step(metrics) < kill_at:
@@ -87,7 +73,7 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(ws, store, tmp_path):
     k1 = rnd.randint(2, 5)
     log = tmp_path / "train.log"
 
-    full = subprocess.run(_train_cmd(ws, "--config", str(cfg), "--run", "full"), cwd=REPO, env=_env(),
+    full = subprocess.run(_train_cmd(ws, "--config", str(cfg), "--run", "full"), cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -97,8 +83,8 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(ws, store, tmp_path):
     print(f"kill steps {k1} (seen {seen1}), {k2} (seed {seed})")
     seen2 = _run_and_kill(_train_cmd(ws, "--resume", "cut"), metrics, k2, log)
     assert seen2 >= k2 > seen1 >= k1
-    last = subprocess.run(_train_cmd(ws, "--resume", "cut"), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    last = subprocess.run(_train_cmd(ws, "--resume", "cut"), cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert last.returncode == 0, last.stderr[-3000:]
     assert json.loads(last.stdout.strip().splitlines()[-1])["step"] == MAX_STEPS
 
@@ -123,7 +109,7 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(ws, store, tmp_path):
     assert [r["loss"] for r in full_rows if "loss_latent" in r] == [r["loss"] for r in train_rows]
 
 
-def test_bf16_resume_from_a_checkpoint_is_bitwise_identical(ws, store):
+def test_bf16_resume_from_a_checkpoint_is_bitwise_identical(ws, store, one_thread):
     """Exact resume holds within one precision: a bf16 run stopped at a checkpoint and resumed (in process,
     no kill) ends with the same adapter and optimiser bits as an uninterrupted bf16 run, pixel steps included;
     the resumed run keeps the precision its checkpoint records."""
@@ -135,14 +121,9 @@ def test_bf16_resume_from_a_checkpoint_is_bitwise_identical(ws, store):
     make_dataset(ws, store)
     steps = 6
     cfg = dict(CONFIG, max_steps=steps, precision="bf16")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig.from_dict(cfg), ws, store, run_name="full16")
-        train(TrainConfig.from_dict(dict(cfg, max_steps=4)), ws, store, run_name="cut16")
-        res = train(TrainConfig.from_dict(cfg), ws, store, resume="cut16")
-    finally:
-        torch.set_num_threads(n)
+    train(TrainConfig.from_dict(cfg), ws, store, run_name="full16")
+    train(TrainConfig.from_dict(dict(cfg, max_steps=4)), ws, store, run_name="cut16")
+    res = train(TrainConfig.from_dict(cfg), ws, store, resume="cut16")
     assert res.step == steps
     final = f"checkpoints/step_{steps:06d}"
     for name in ("adapters", "optimizer"):

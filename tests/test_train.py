@@ -3,7 +3,6 @@ checkpoints and exports that stock diffusers/peft load."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,38 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from training_data import make_dataset
+from training_data import REPO, make_dataset, subprocess_env, tiny_train_config
 
 from medart_core.errors import ConfigError, TrainingDivergedError
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def small_config(**over):
-    from medart_core.train import TrainConfig
-
-    d = dict(backbone="tiny", resolution=32, dataset="mini", captions="latest",
-             lora={"rank": 2, "alpha": 2.0, "t5_enabled": True},
-             hldf={"pixel_every": 3, "sample_steps": 2, "checkpointing": False},
-             batch_size=1, max_steps=4, checkpoint_every=2, validate_every=100, validation_steps=2,
-             validation_seeds=[0], val_images=1, export_merged=False)
-    d.update(over)
-    return TrainConfig.from_dict(d)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: threads only add contention on a shared 2-core machine (and 10-30x slowdowns).
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+# Tiny models: threads only add contention on a shared 2-core machine (and 10-30x slowdowns).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -85,20 +58,20 @@ def test_approved_by_default_latest_on_request_and_overlong_counted(ws, store):
 
     ids = make_dataset(ws, store, n=6)
     with pytest.raises(ConfigError, match="--captions latest"):
-        collect_examples(ws, store, small_config(captions="approved"))
+        collect_examples(ws, store, tiny_train_config(captions="approved"))
     long_text = " ".join(f"word{i}" for i in range(200))
     store.edit(ids[0], long_text, reviewer="r", expected_version=store.current(ids[0]).version)
     for i in ids[:4]:
         store.approve(i, reviewer="r", expected_version=store.current(i).version)
 
-    approved, _ = collect_examples(ws, store, small_config(captions="approved"))
-    latest, _ = collect_examples(ws, store, small_config(captions="latest"))
+    approved, _ = collect_examples(ws, store, tiny_train_config(captions="approved"))
+    latest, _ = collect_examples(ws, store, tiny_train_config(captions="latest"))
     assert sorted(e.key for e in approved) == sorted(f"img-{i}" for i in ids[:4])
     assert sorted(e.key for e in latest) == sorted(f"img-{i}" for i in ids)
     assert next(e for e in approved if e.key == f"img-{ids[0]}").text == long_text
 
     msgs: list[str] = []
-    res = train(small_config(captions="approved", max_steps=1, val_images=0, optimizer="adamw8bit"), ws, store,
+    res = train(tiny_train_config(captions="approved", max_steps=1, val_images=0, optimizer="adamw8bit"), ws, store,
                 run_name="appr", log=msgs.append)
     assert any("adamw8bit" in m and "AdamW" in m for m in msgs)       # CPU: falls back, and says so
     assert any("longer than 120 T5 tokens" in m for m in msgs)
@@ -118,11 +91,11 @@ def test_exported_imagefolder_as_caption_source(ws, store, tmp_path):
     for i in ids[:5]:
         store.approve(i, reviewer="r", expected_version=store.current(i).version)
     export_imagefolder(store, ws, "mini", tmp_path / "exp", val_fraction=0.2, seed=0)
-    pool, val = collect_examples(ws, store, small_config(captions=str(tmp_path / "exp")))
+    pool, val = collect_examples(ws, store, tiny_train_config(captions=str(tmp_path / "exp")))
     assert len(pool) + len(val) == 5 and len(val) >= 1
     assert all(e.path.is_file() and e.text.startswith("An image of class") for e in pool + val)
     with pytest.raises(ConfigError):
-        collect_examples(ws, store, small_config(captions=str(tmp_path / "missing")))
+        collect_examples(ws, store, tiny_train_config(captions=str(tmp_path / "missing")))
 
 
 def test_preprocessing_shorter_side_seeded_random_crop_range(tmp_path):
@@ -153,7 +126,7 @@ def test_cpu_smoke_preset_through_cli_on_sample_dataset(ws, store, tmp_path):
     build_sample_dataset(ws, store, "sample")
     r = subprocess.run([sys.executable, "-m", "medart_core", "train", "--workspace", str(ws.root), "--dataset",
                         "sample", "--preset", "cpu-smoke", "--captions", "latest", "--run", "smoke"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "finished" and out["step"] == 30
@@ -178,7 +151,7 @@ def test_cpu_smoke_preset_through_cli_on_sample_dataset(ws, store, tmp_path):
     # export-model from an earlier checkpoint, through the CLI.
     r = subprocess.run([sys.executable, "-m", "medart_core", "export-model", "--workspace", str(ws.root), "--run",
                         "smoke", "--step", "20", "--out", str(tmp_path / "exp20"), "--adapters-only"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "exp20" / "adapters" / "text_encoder" / "adapter_config.json").is_file()
 
@@ -213,7 +186,7 @@ def test_nan_loss_stops_with_diverged_error_and_keeps_last_checkpoint(ws, store,
 
     monkeypatch.setattr(hldf, "hybrid_loss", nan_at_3)
     with pytest.raises(TrainingDivergedError) as ei:
-        train(small_config(max_steps=6, checkpoint_every=2), ws, store, run_name="nan")
+        train(tiny_train_config(max_steps=6, checkpoint_every=2), ws, store, run_name="nan")
     msg = str(ei.value)
     assert "step 4" in msg and "learning rate" in msg and "step_000002" in msg
     run = ws.run_dir("nan")
@@ -234,7 +207,7 @@ def test_flat_validation_image_stops_the_run(ws, store, monkeypatch):
     make_dataset(ws, store, n=6)
     monkeypatch.setattr(pixart, "decode", lambda vae, lat, **kw: torch.zeros(lat.shape[0], 3, 32, 32))
     with pytest.raises(TrainingDivergedError, match="flat colour"):
-        train(small_config(max_steps=3, validate_every=2), ws, store, run_name="flat")
+        train(tiny_train_config(max_steps=3, validate_every=2), ws, store, run_name="flat")
 
 
 # ---- atomic checkpoints -----------------------------------------------------------------------------------
@@ -245,7 +218,7 @@ def test_crash_mid_checkpoint_write_leaves_previous_checkpoint_valid(ws, store, 
     from medart_core.train import train
 
     make_dataset(ws, store, n=6)
-    res = train(small_config(max_steps=2, checkpoint_every=2), ws, store, run_name="crash")
+    res = train(tiny_train_config(max_steps=2, checkpoint_every=2), ws, store, run_name="crash")
     run = res.run_dir
     assert latest_checkpoint(run).name == "step_000002"
 
@@ -274,14 +247,14 @@ def test_crash_mid_checkpoint_write_leaves_previous_checkpoint_valid(ws, store, 
 
     monkeypatch.setattr(st, "save_file", dying_save)
     with pytest.raises(OSError, match="simulated"):
-        train(small_config(max_steps=4, checkpoint_every=2), ws, store, resume="crash")
+        train(tiny_train_config(max_steps=4, checkpoint_every=2), ws, store, resume="crash")
     monkeypatch.setattr(st, "save_file", real_save)
     assert latest_checkpoint(run).name == "step_000002"
     state, _ = read_checkpoint(latest_checkpoint(run))
     assert state["step"] == 2
 
     # 3) resuming cleans the leftovers and continues from step 2 to the end.
-    res = train(small_config(max_steps=4, checkpoint_every=2), ws, store, resume="crash")
+    res = train(tiny_train_config(max_steps=4, checkpoint_every=2), ws, store, resume="crash")
     assert res.step == 4 and latest_checkpoint(run).name == "step_000004"
     assert not list((run / "checkpoints").glob("*.tmp-*"))
 
@@ -290,11 +263,11 @@ def test_resume_refuses_a_changed_config(ws, store):
     from medart_core.train import train
 
     make_dataset(ws, store, n=6)
-    train(small_config(max_steps=2), ws, store, run_name="r1")
+    train(tiny_train_config(max_steps=2), ws, store, run_name="r1")
     with pytest.raises(ConfigError, match="lr"):
-        train(small_config(max_steps=2, lr=1e-3), ws, store, resume="r1")
+        train(tiny_train_config(max_steps=2, lr=1e-3), ws, store, resume="r1")
     with pytest.raises(ConfigError, match="already exists"):
-        train(small_config(max_steps=2), ws, store, run_name="r1")
+        train(tiny_train_config(max_steps=2), ws, store, run_name="r1")
 
 
 # ---- callbacks ------------------------------------------------------------------------------------------
@@ -321,7 +294,7 @@ def test_callbacks_follow_and_stop_the_run(ws, store):
             return len(self.steps) >= 3
 
     rec = Rec()
-    res = train(small_config(max_steps=10, checkpoint_every=2, validate_every=2), ws, store, run_name="cb",
+    res = train(tiny_train_config(max_steps=10, checkpoint_every=2, validate_every=2), ws, store, run_name="cb",
                 callbacks=rec)
     assert res.status == "stopped" and res.step == 3 and rec.steps == [1, 2, 3]
     assert [p.name for p in rec.grids] == ["step_000002.png"] and rec.grids[0].is_file()
@@ -340,7 +313,7 @@ def test_exports_load_with_stock_diffusers_and_peft(ws, store, tmp_path):
     from medart_core.train import train
 
     make_dataset(ws, store, n=6)
-    res = train(small_config(max_steps=2, lr=1e-2), ws, store, run_name="exp")
+    res = train(tiny_train_config(max_steps=2, lr=1e-2), ws, store, run_name="exp")
     out = export_model(ws, "exp", tmp_path / "out")
     merged_dir, adapters_dir = Path(out["merged"]), Path(out["adapters"])
     assert (merged_dir / "README.md").is_file() and (adapters_dir / "README.md").is_file()

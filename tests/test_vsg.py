@@ -28,13 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 # fixtures
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def tiny_tok():
-    from medart_core.backbone import load_tokenizer
-
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     from tiny_models import build_tiny_vlm
 
