@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Callable
 
 import pytest
 
@@ -28,9 +30,27 @@ def store(ws):
 
     s = CaptionStore.for_workspace(ws)
     yield s
-    close = getattr(s, "close", None)
-    if close:
-        close()
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """The tiny backbone's T5 tokenizer (no model weights)."""
+    from medart_core.backbone import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()`` gives a TCP port free on 127.0.0.1 now, for a server or a process group a test starts."""
+    return _free_port
 
 
 @pytest.fixture
@@ -68,3 +88,26 @@ def chromium():
         browser = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm (tests/slurm_cluster.py), all its files in a temp folder, stopped by pid.
+
+    ``SLURM_CONF`` is also set in ``os.environ`` for the session: submitit and medart_core.slurm call
+    sbatch/squeue with the inherited environment."""
+    from slurm_cluster import start_cluster, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm is unavailable in CI: {reason} (the README's test command runs tests/ensure_slurm.sh)")
+        pytest.skip(reason)
+    cluster = start_cluster()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in cluster.env.items():
+            mp.setenv(key, value)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
