@@ -22,11 +22,14 @@ or on "" (``"empty"``); each row is evaluated with its own kind of prompt.
 HLDF with class-only captions; HLDF with empty captions; plus the demo backbone without fine-tuning as a
 reference. Every row uses the same steps, data order, learning rate and seeds.
 
-**Scores** per cell, against the 59 real (shifted) images, with ``eval_per_image`` generated images per real
-image (its prompt in the row's caption style, seeds derived from the cell's seed and the image):
+**Scores** per cell, through ``evaluate`` (the Compare tab's path), against the 59 real (shifted) images:
+the cell's checkpoint (its run, or ``base``) draws ``eval_per_image`` twins per real image from the image's
+prompt in the row's caption style, with ``evaluate``'s seed-matched seeds (the same for every cell), through
+the shared demo-backbone generator; each extractor's result is saved under ``W/evaluations/`` with its metric
+profile (also kept in the cell), so a cell's FD/KID compare with any evaluation of the same profile:
 
 * ``color_gap``: the colour-moment loss of Med-Art between each generated image and its real image,
-  ``Σ_c (μ_c(x̃) − μ_c(x))² + (σ_c(x̃) − σ_c(x))²`` in [-1, 1] units, averaged;
+  ``Σ_c (μ_c(x̃) − μ_c(x))² + (σ_c(x̃) − σ_c(x))²`` in [-1, 1] units, averaged (on the saved 8-bit twins);
 * ``fd_domain`` (with a bias-corrected bootstrap interval) and ``kid_domain`` (mean ± std over subsets) in
   the 64-d feature space of the domain classifier trained on the 213 unshifted sample images
   (``evaluate.domain_extractor``); the same with Inception / DINOv2 when their weights are present
@@ -34,17 +37,16 @@ image (its prompt in the row's caption style, seeds derived from the cell's seed
   Hugging Face cache of facebook/dinov2-large);
 * ``train_s`` and ``eval_s``.
 
-A row's figure is the mean over seeds with a 95 % t-interval over seeds; the effects the paper claims are
-tested with paired (same-seed) differences (:func:`effects`). The reference set is the fine-tuning set
+A row's figure is the mean over seeds with a 95 % t-interval over seeds (the twins' noise is the same for
+every seed, so the interval is the training seeds' spread); the effects the paper claims are tested with
+paired (same-seed) differences (:func:`effects`). The reference set is the fine-tuning set
 itself (59 images is all there is): the scores measure fit to the target colours and features, not
 generalisation to new images.
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -57,15 +59,16 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from .config import JsonConfig
 from .errors import ConfigError, MedArtError, MissingWeightsError
-from .fileio import atomic_write, atomic_write_text
-from .seeds import derive_seed
+from .fileio import atomic_write, atomic_write_text, sha256_bytes
 from .workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
-ABLATION_FORMAT = 1
+    from .evaluate import EvalSpec, RealReference
+
+ABLATION_FORMAT = 2                      # 2: scored through evaluate (seed-matched twins, a profile per cell)
 SOURCE_DATASET = "sample"
 COLOUR_CLASSES = ("fundus_retina", "histology_ihc")
 SHIFT_GAIN = (0.72, 1.08, 1.30)          # per RGB channel, applied to 0..255 values
@@ -202,7 +205,7 @@ class AblationPreset(JsonConfig):
     def digest(self) -> str:
         d = self.to_dict()
         d.pop("name")
-        return hashlib.sha256(json.dumps([d, ABLATION_FORMAT], sort_keys=True).encode()).hexdigest()[:10]
+        return sha256_bytes(json.dumps([d, ABLATION_FORMAT], sort_keys=True).encode())[:10]
 
 
 PRESETS: dict[str, AblationPreset] = {
@@ -242,18 +245,38 @@ def train_config(preset: AblationPreset, row: AblationRow, seed: int, dataset: s
 # =========================================================================================================
 # Scoring
 # =========================================================================================================
-@dataclass
-class Reference:
-    """The real images and their features, computed once per ablation."""
+# Every image of each colour class is scored (the classes have fewer than this).
+ALL_IMAGES = 10_000
+EVAL_SIZE = 64
 
-    keys: list[str]
-    labels: list[str]
-    prompts: dict[str, list[str]]                  # caption_text -> one prompt per real image
-    pixel_hashes: list[str]
-    pixels: "torch.Tensor"                         # float [N,3,S,S] in [-1, 1]
-    extractors: dict[str, Any]                     # name -> Extractor
-    features: dict[str, "torch.Tensor"]            # name -> [N, D]
+
+def eval_spec(preset: AblationPreset, caption_text: str, extractor: str = "domain") -> "EvalSpec":
+    """The evaluation protocol of every cell of a row with prompts of kind ``caption_text``: all real images,
+    ``eval_per_image`` twins each, the same seeds for every cell (``evaluate``'s seed-matched twins), the
+    domain classifier of the unshifted sample dataset."""
+    from .evaluate import EvalSpec
+
+    weights = (os.environ.get("MEDART_DINOV2") or None) if extractor == "dinov2" else None
+    return EvalSpec(dataset=DATASET, per_class=ALL_IMAGES, captions="latest", caption_text=caption_text,
+                    per_image=preset.eval_per_image, extractor=extractor, extractor_weights=weights,
+                    extractor_dataset=SOURCE_DATASET, extractor_epochs=preset.extractor_epochs, size=EVAL_SIZE,
+                    seed=0, steps=preset.eval_steps, guidance=preset.eval_guidance, kid_subsets=preset.kid_subsets,
+                    n_boot=preset.n_boot, precision="fp32")
+
+
+@dataclass
+class Scoring:
+    """What every cell is scored against, prepared once per ablation: per prompt kind and extractor the real
+    reference of ``evaluate`` (eval set, extractor, cached real features), and the real pixels for the
+    colour gap."""
+
+    refs: dict[str, dict[str, "RealReference"]]   # caption_text -> extractor name -> reference
+    pixels: "torch.Tensor"                         # float [N,3,S,S] in [-1, 1], in eval-set order
     absent: dict[str, str] = field(default_factory=dict)   # extractor name -> why it is not used
+
+    @property
+    def n_real(self) -> int:
+        return int(self.pixels.shape[0])
 
 
 def _short_reason(message: str) -> str:
@@ -261,94 +284,62 @@ def _short_reason(message: str) -> str:
     return message.split(". ")[0].split(" (")[0].rstrip(".") + "."
 
 
-def load_reference(ws: Workspace, store: Any, dataset: str, preset: AblationPreset, *,
-                   log: Callable[[str], None] = print) -> Reference:
-    import torch
-
-    from .evaluate import domain_extractor, load_images
-    from .examples import class_seed_caption
+def prepare_scoring(ws: Workspace, store: Any, preset: AblationPreset, rows: Sequence[AblationRow], *,
+                    log: Callable[[str], None] = print) -> Scoring:
+    """The domain extractor and any extra one whose weights are present (built once, shared by all prompt
+    kinds), and the real references of the rows' prompt kinds."""
+    from .evaluate import load_images, make_extractor, prepare_reference
     from .extractors import images_to_uint8
 
-    recs = sorted(store.list_images(dataset), key=lambda r: r.id)
-    states = {s.image_id: s for s in store.states(dataset)}
-    recs = [r for r in recs if r.id in states and states[r.id].text]
-    if not recs:
-        raise ConfigError(f"Dataset {dataset!r} has no captioned images to score against.")
-    size = 64
-    u8 = images_to_uint8(load_images([ws.image_path(dataset, r.file_name) for r in recs]), size)
-    prompts = {"caption": [states[r.id].text for r in recs],
-               "class": [class_seed_caption(store, dataset, r.label) for r in recs],
-               "empty": ["" for _ in recs]}
-    extractors: dict[str, Any] = {
-        "domain": domain_extractor(ws, store, SOURCE_DATASET, size=size, seed=0, epochs=preset.extractor_epochs)}
+    extractors: dict[str, Any] = {}
     absent: dict[str, str] = {}
-    for name in preset.extra_extractors:
+    for name in ("domain", *preset.extra_extractors):
         try:
-            if name == "inception":
-                from .extractors import InceptionExtractor
-
-                extractors[name] = InceptionExtractor()
-            elif name == "dinov2":
-                from .extractors import Dinov2Extractor
-
-                extractors[name] = Dinov2Extractor(os.environ.get("MEDART_DINOV2") or None)
-            else:
-                raise ConfigError(f"unknown extractor {name!r}")
+            extractors[name] = make_extractor(ws, store, eval_spec(preset, "caption", name))
         except MedArtError as e:
+            if name == "domain":
+                raise
             absent[name] = _short_reason(str(e))
             log(f"{name}: not used ({absent[name]})")
-    feats = {n: ex.features(u8) for n, ex in extractors.items()}
-    return Reference(keys=[f"img-{r.id}" for r in recs], labels=[r.label for r in recs], prompts=prompts,
-                     pixel_hashes=[r.pixel_hash for r in recs], pixels=u8.float() / 127.5 - 1.0,
-                     extractors=extractors, features=feats, absent=absent)
+    refs = {kind: {name: prepare_reference(ws, store, eval_spec(preset, kind, name), extractor=ex)
+                   for name, ex in extractors.items()}
+            for kind in dict.fromkeys(r.caption_text for r in rows)}
+    items = next(iter(next(iter(refs.values())).values())).eval_set.items
+    u8 = images_to_uint8(load_images([it.path for it in items]), EVAL_SIZE)
+    return Scoring(refs=refs, pixels=u8.float() / 127.5 - 1.0, absent=absent)
 
 
-def generate_eval_images(backbone: Any, ref: Reference, row: AblationRow, seed: int, preset: AblationPreset,
-                         *, batch: int = 32) -> tuple["torch.Tensor", list[int]]:
-    """float [N*k,3,S,S] in [-1, 1]: ``eval_per_image`` images per real image, from its prompt in the row's
-    caption style; returns them with the index of the real image each belongs to."""
+def score_cell(ws: Workspace, scoring: Scoring, row: AblationRow, checkpoint: str, *,
+               should_stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, Any], "torch.Tensor", list[int]]:
+    """One cell's checkpoint ("base" or its run) through ``evaluate``: its twins from the shared demo-backbone
+    generator (PNG + sidecar, reused on a rerun), FD/KID per extractor under a recorded profile (the results
+    are saved with the Compare tab's), and the colour gap on the same twins. Returns the cell's scores, the
+    twins (float [-1, 1]) and the index of the real image of each."""
     import torch
 
-    from . import pixart
-
-    jobs = [(i, derive_seed(seed, "ablation-eval", ref.pixel_hashes[i], k, bits=31))
-            for i in range(len(ref.keys)) for k in range(preset.eval_per_image)]
-    prompts = ref.prompts[row.caption_text]
-    out = []
-    backbone.transformer.eval()
-    backbone.text_encoder.eval()
-    with torch.no_grad():
-        for j in range(0, len(jobs), batch):
-            chunk = jobs[j:j + batch]
-            emb, mask = pixart.encode_text(backbone, [prompts[i] for i, _ in chunk])
-            noise = torch.cat([pixart.initial_noise(pixart.latent_shape(backbone, 1), torch.Generator().manual_seed(s))
-                               for _, s in chunk])
-            lat = pixart.sample_latents(backbone, emb, mask, steps=preset.eval_steps, guidance=preset.eval_guidance,
-                                        latents=noise)
-            out.append(pixart.decode(backbone.vae, lat).float().clamp(-1, 1))
-    return torch.cat(out), [i for i, _ in jobs]
-
-
-def score_images(fake: "torch.Tensor", owner: list[int], ref: Reference, preset: AblationPreset) -> dict[str, Any]:
-    """The cell's scores (see the module docstring)."""
-    import torch
-
-    from . import metrics as M
+    from .evaluate import checkpoint_sha256, evaluate_checkpoint, generator_source, load_images
+    from .extractors import images_to_uint8
+    from .generate import get_generator
     from .hldf import color_moment_loss
 
-    real_px = ref.pixels[torch.as_tensor(owner)]
-    out: dict[str, Any] = {"n_generated": int(fake.shape[0]), "n_real": len(ref.keys),
-                           "color_gap": float(color_moment_loss(fake, real_px))}
-    u8 = ((fake + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    for name, ex in ref.extractors.items():
-        real_f, fake_f = ref.features[name], ex.features(u8)
-        fd = M.frechet_distance(real_f, fake_f)
-        kid = M.kernel_inception_distance(real_f, fake_f, n_subsets=preset.kid_subsets, seed=0)
-        out[f"fd_{name}"] = fd
-        out[f"fd_{name}_ci"] = list(M.bootstrap_ci(real_f, fake_f, M.frechet_distance, n_boot=preset.n_boot, seed=0))
-        out[f"kid_{name}"], out[f"kid_{name}_std"] = kid.mean, kid.std
-        out[f"kid_{name}_subset"] = kid.subset_size
-    return out
+    gen = get_generator(ws, "demo", "fp32")
+    sha = checkpoint_sha256(ws, checkpoint)
+    out: dict[str, Any] = {"checkpoint": checkpoint, "n_real": scoring.n_real, "evaluations": {}, "profiles": {}}
+    paths: list[str] = []
+    owner: list[int] = []
+    for name, ref in scoring.refs[row.caption_text].items():
+        source = generator_source(ws, gen, ref.spec, should_stop=should_stop)
+        res = evaluate_checkpoint(ws, ref, checkpoint, images_for=source, checkpoint_sha256=sha, backbone="demo",
+                                  precision=gen.precision)
+        o = res.metrics["overall"]
+        out[f"fd_{name}"], out[f"fd_{name}_ci"] = o["fd"], o["fd_ci"]
+        out[f"kid_{name}"], out[f"kid_{name}_std"], out[f"kid_{name}_subset"] = o["kid"], o["kid_std"], o["kid_subset_size"]
+        out["evaluations"][name], out["profiles"][name] = res.id, res.profile
+        paths, owner = res.images, [i for i, _, _ in ref.plan]
+    fake = images_to_uint8(load_images([Path(p) for p in paths]), EVAL_SIZE).float() / 127.5 - 1.0
+    out["n_generated"] = int(fake.shape[0])
+    out["color_gap"] = float(color_moment_loss(fake, scoring.pixels[torch.as_tensor(owner)]))
+    return out, fake, owner
 
 
 # =========================================================================================================
@@ -374,12 +365,11 @@ class _StopCallbacks:
         return bool(self._stop())
 
 
-def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow, seed: int, ref: Reference, *,
+def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow, seed: int, scoring: Scoring, *,
              dataset: str, log: Callable[[str], None] = print,
              should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
-    """Train (unless the reference row) and score one cell; None when stopped midway. A run of this cell
-    left by an earlier attempt is resumed from its checkpoint, not retrained."""
-    from .backbone import load_backbone
+    """Train (unless the reference row) and score one cell (:func:`score_cell`); None when stopped midway. A
+    run of this cell left by an earlier attempt is resumed from its checkpoint, not retrained."""
     from .train import train
 
     t0 = time.perf_counter()
@@ -392,27 +382,28 @@ def run_cell(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow
                     callbacks=_StopCallbacks(should_stop), log=lambda m: None)
         if res.status != "finished":
             return None
-        backbone = res.backbone
         pixel_steps = sum(1 for line in Path(res.metrics_path).read_text(encoding="utf-8").splitlines()
                           if line.strip() and json.loads(line).get("pixel_step"))
         info.update(run=name, pixel_steps=pixel_steps, train_s=round(time.perf_counter() - t0, 2))
     else:
-        backbone = load_backbone("demo")
         info.update(run=None, pixel_steps=0, train_s=0.0)
     if should_stop():
         return None
     t1 = time.perf_counter()
-    fake, owner = generate_eval_images(backbone, ref, row, seed, preset)
-    info.update(score_images(fake, owner, ref, preset))
+    try:
+        scores, fake, owner = score_cell(ws, scoring, row, info["run"] or "base", should_stop=should_stop)
+    except InterruptedError:
+        return None
+    info.update(scores)
     info["eval_s"] = round(time.perf_counter() - t1, 2)
     info["sample_grid"] = _save_strip(ablation_dir(ws, preset) / "samples" / f"{cell_name(row.name, seed)}.png",
-                                      fake, owner, ref)
+                                      fake, owner, scoring.pixels)
     log(f"{cell_name(row.name, seed)}: colour gap {info['color_gap']:.4f}, FD(domain) {info['fd_domain']:.2f}, "
         f"KID(domain) {info['kid_domain']:.4f}, {info['train_s']:.0f} s train + {info['eval_s']:.0f} s eval")
     return info
 
 
-def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], ref: Reference, n: int = 8) -> str:
+def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], real_pixels: "torch.Tensor", n: int = 8) -> str:
     """Real images (top) above the first generated image of each (bottom): the cell at a glance."""
     from PIL import Image
 
@@ -422,7 +413,7 @@ def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], ref: Referen
     for j, i in enumerate(owner):
         firsts.setdefault(i, j)
     picks = sorted(firsts.items())[:: max(1, len(firsts) // n)][:n]
-    real = to_pil(ref.pixels[[i for i, _ in picks]])
+    real = to_pil(real_pixels[[i for i, _ in picks]])
     gen = to_pil(fake[[j for _, j in picks]])
     s = real[0].width
     canvas = Image.new("RGB", (s * len(picks), 2 * s))
@@ -445,12 +436,12 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
     (out / "cells").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "preset.json", preset.to_json())
     dataset = prepare_dataset(ws, store, log=log)
-    ref = load_reference(ws, store, dataset, preset, log=log)
     rows = [r for r in ROWS if r.name in preset.rows]
+    scoring = prepare_scoring(ws, store, preset, rows, log=log)
     cells = [(r, s) for r in rows for s in preset.seeds]
     threads = torch.get_num_threads()
     log(f"ablation {out.name}: {len(rows)} rows x {len(preset.seeds)} seeds, {preset.steps} steps each, "
-        f"{len(ref.keys)} real images, {threads} threads")
+        f"{scoring.n_real} real images, {threads} threads")
     for k, (row, seed) in enumerate(cells):
         path = out / "cells" / f"{cell_name(row.name, seed)}.json"
         if progress is not None:
@@ -459,7 +450,7 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
             continue
         if should_stop():
             return None
-        info = run_cell(ws, store, preset, row, seed, ref, dataset=dataset, log=log, should_stop=should_stop)
+        info = run_cell(ws, store, preset, row, seed, scoring, dataset=dataset, log=log, should_stop=should_stop)
         if info is None:
             return None
         atomic_write_text(path, json.dumps(info, indent=1, sort_keys=True))
@@ -467,7 +458,7 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
         progress(len(cells), len(cells))
     results = [json.loads((out / "cells" / f"{cell_name(r.name, s)}.json").read_text(encoding="utf-8"))
                for r, s in cells]
-    table = make_table(preset, rows, results, absent=ref.absent, threads=threads,
+    table = make_table(preset, rows, results, absent=scoring.absent, threads=threads,
                        wall_s=round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "table.json", json.dumps(table, indent=1, sort_keys=True))
     atomic_write_text(out / "table.md", format_table(table))
@@ -652,7 +643,7 @@ def overview_image(strips: Sequence[tuple[str, str]], *, label_width: int = 180)
 
 
 # =========================================================================================================
-# As a job, and from the command line
+# As a job (the `ablation` command is in medart_core/commands/ablation.py)
 # =========================================================================================================
 def _preset_from_config(config: dict[str, Any]) -> AblationPreset:
     unknown = sorted(set(config) - {"preset", "overrides"})
@@ -686,56 +677,7 @@ def run_ablation_job(ctx: Any) -> dict[str, Any]:
     return {"status": "finished", "table": str(ablation_dir(ctx.ws, preset) / "table.md")}
 
 
-def _cmd_ablation(args: argparse.Namespace) -> int:
-    from .captions import CaptionStore
-
-    overrides: dict[str, Any] = {}
-    if args.seeds:
-        overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-    if args.steps:
-        overrides["steps"] = args.steps
-    if args.rows:
-        overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    ws = Workspace.open(args.workspace)
-    if args.job:
-        from .jobs import LocalExecutor
-
-        job = LocalExecutor(ws).submit("ablation", {"preset": args.preset, "overrides": overrides})
-        print(f"queued ablation job {job.id}; follow it with `python -m medart_core jobs logs {job.id}`")
-        return 0
-    import torch
-
-    torch.set_num_threads(args.threads)
-    preset = get_preset(args.preset, **overrides)
-    store = CaptionStore.for_workspace(ws)
-    try:
-        table = run_ablation(ws, store, preset, log=lambda m: print(m, flush=True))
-    finally:
-        store.close()
-    if table is None:
-        return 1
-    print(format_table(table))
-    summary = {"preset": preset.name, "wall_s": table["wall_s"], "threads": table["threads"]}
-    for r in table["rows"]:
-        for m in table["metrics"]:
-            summary[f"{r['row']}.{m}"] = round(r[m]["mean"], 6)
-    summary["verdicts"] = {f"{e['effect']} ({e['metric']})": e["verdict"] for e in table["effects"]}
-    print(json.dumps(summary, sort_keys=True))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("ablation", help="the paper's ablation table in miniature on the demo backbone")
-    p.add_argument("--preset", default="mini", choices=sorted(PRESETS))
-    p.add_argument("--workspace", "-w", default=None)
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per cell (default: the preset's)")
-    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROW_NAMES)}")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in the foreground (default 2)")
-    p.add_argument("--job", action="store_true", help="queue it as an `ablation` job instead of running it here")
-    p.set_defaults(func=_cmd_ablation)
-
-
 __all__ = ["AblationPreset", "AblationRow", "PRESETS", "ROWS", "colour_shift", "measured_caption",
-           "prepare_dataset", "run_ablation", "run_cell", "make_table", "format_table", "effects", "mean_ci",
+           "prepare_dataset", "eval_spec", "prepare_scoring", "score_cell", "run_ablation", "run_cell",
+           "make_table", "format_table", "effects", "mean_ci",
            "ablation_dir", "run_ablation_job", "prepare_ablation_job", "list_ablations", "load_ablation", "overview_image"]

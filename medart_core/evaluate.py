@@ -12,7 +12,6 @@ synthetic or both, tested on real) and a memorisation check complete the paper's
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -23,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from . import metrics as M
 from . import provenance
 from .errors import ConfigError, NotFoundError, ProfileMismatchError
-from .extractors import PREPARATION, Extractor, images_to_uint8
-from .fileio import atomic_write_text
+from .extractors import PREPARATION, Extractor, ModuleExtractor, images_to_uint8
+from .fileio import atomic_write, atomic_write_bytes, atomic_write_text, sha256_bytes
 from .seeds import derive_seed
 from .workspace import Workspace, validate_name
 
@@ -57,8 +56,12 @@ class EvalSpec:
     classes: list[str] | None = None        # None: every class
     per_class: int = 16                     # real images per class (all if fewer)
     captions: str = "approved"              # "approved" | "latest" (prompts for the generated twins)
+    caption_text: str = "caption"           # the twins' prompt: the caption | the class seed caption | ""
+    per_image: int = 1                      # generated twins per real image
     extractor: str = "domain"               # inception | dinov2 | domain | custom
     extractor_weights: str | None = None    # inception weights file, DINOv2 Hub id or folder
+    extractor_dataset: str | None = None    # the domain classifier's dataset (None: ``dataset``)
+    extractor_epochs: int = 30              # the domain classifier's training epochs
     size: int = 64                          # preparation size S (see extractors.PREPARATION)
     seed: int = 0
     steps: int = 20
@@ -76,6 +79,16 @@ class EvalSpec:
         from .precision import validate_precision
 
         validate_precision(self.precision, "evaluation precision")
+        if self.caption_text not in PROMPT_SETS:
+            raise ConfigError(f"caption_text must be one of {sorted(PROMPT_SETS)}, got {self.caption_text!r}.")
+        if int(self.per_image) < 1 or int(self.extractor_epochs) < 1:
+            raise ConfigError(f"per_image and extractor_epochs must be >= 1, got {self.per_image} and "
+                              f"{self.extractor_epochs}.")
+
+
+# What the generated twins are prompted with (EvalSpec.caption_text), as the profile names it.
+PROMPT_SETS = {"caption": "each real image's caption", "class": "each real image's class seed caption",
+               "empty": "the empty prompt"}
 
 
 @dataclass
@@ -88,10 +101,14 @@ class EvalSet:
         return sorted({it.label for it in self.items})
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for it in self.items:
-            h.update(f"{it.key}\t{it.label}\t{it.pixel_hash}\t{it.seed}\t{it.prompt}\n".encode())
-        return h.hexdigest()
+        return sha256_bytes("".join(f"{it.key}\t{it.label}\t{it.pixel_hash}\t{it.seed}\t{it.prompt}\n"
+                                    for it in self.items).encode())
+
+    def plan(self, spec: "EvalSpec") -> list[tuple[int, str, int]]:
+        """(real image index, prompt, seed) of every generated twin, image by image: the image's own seed,
+        then ``derive_seed(spec.seed, 'eval-seed', pixel hash, k)`` for its k-th extra twin."""
+        return [(i, it.prompt, it.seed if k == 0 else derive_seed(spec.seed, "eval-seed", it.pixel_hash, k, bits=31))
+                for i, it in enumerate(self.items) for k in range(int(spec.per_image))]
 
 
 def build_eval_set(ws: Workspace, store: Any, spec: EvalSpec) -> EvalSet:
@@ -112,15 +129,19 @@ def build_eval_set(ws: Workspace, store: Any, spec: EvalSpec) -> EvalSet:
         missing = sorted(set(spec.classes) - set(by_class))
         if missing:
             raise NotFoundError(f"No captioned images of class(es) {missing} in {spec.dataset!r}.")
+    from .examples import class_seed_caption
+
     items = []
     for label in sorted(by_class):
         recs = sorted(by_class[label], key=lambda r: r.id)
+        class_prompt = class_seed_caption(store, spec.dataset, label) if spec.caption_text == "class" else ""
         order = torch.randperm(len(recs), generator=torch.Generator().manual_seed(
             derive_seed(spec.seed, "eval-set", label))).tolist()
         for i in sorted(order[: spec.per_class]):
             r = recs[i]
             items.append(EvalItem(key=f"img-{r.id}", label=label, path=ws.image_path(spec.dataset, r.file_name),
-                                  pixel_hash=r.pixel_hash, prompt=states[r.id].text,
+                                  pixel_hash=r.pixel_hash,
+                                  prompt=states[r.id].text if spec.caption_text == "caption" else class_prompt,
                                   seed=derive_seed(spec.seed, "eval-seed", r.pixel_hash, bits=31)))
     return EvalSet(dataset=spec.dataset, items=items)
 
@@ -137,14 +158,18 @@ def make_profile(spec: EvalSpec, eval_set: EvalSet, extractor: Extractor, *, che
                  precision: str = "fp32") -> dict[str, Any]:
     """The full protocol of one result. Two results are comparable when they agree on everything except
     PER_RESULT fields. ``precision`` (what the images were generated in) is recorded only when it is not
-    fp32, so results measured before precision was a setting (all fp32 on CPUs) stay comparable."""
+    fp32, and the settings below (:func:`_optional_settings`) only when they are not their defaults, so results
+    measured before they were settings stay comparable."""
     return {**({"precision": precision} if precision != "fp32" else {}),
+        **_optional_settings(spec),
         **extractor.describe(),
         "preparation": PREPARATION, "size": spec.size, "image_format": "png",
-        "n_real": len(eval_set.items), "n_generated": len(eval_set.items),
+        "n_real": len(eval_set.items), "n_generated": len(eval_set.items) * int(spec.per_image),
         "dataset": eval_set.dataset, "real_split": f"per class up to {spec.per_class} (seed {spec.seed})",
         "classes": eval_set.classes, "eval_set_sha256": eval_set.digest(), "captions": spec.captions,
-        "prompt_set": "each real image's caption", "seeds": f"derive_seed({spec.seed}, 'eval-seed', pixel hash)",
+        "prompt_set": PROMPT_SETS[spec.caption_text],
+        "seeds": f"derive_seed({spec.seed}, 'eval-seed', pixel hash)"
+                 + (f", then (…, k) for twins k=1..{int(spec.per_image) - 1}" if spec.per_image > 1 else ""),
         "sampler": sampler, "steps": spec.steps, "guidance": spec.guidance, "negative_prompt": spec.negative_prompt,
         "adapter_strength": spec.adapter_strength, "backbone": backbone,
         "kid": {"subsets": spec.kid_subsets, "subset_size": "min(1000, N)", "kernel": "(x.y/d + 1)^3"},
@@ -152,6 +177,22 @@ def make_profile(spec: EvalSpec, eval_set: EvalSet, extractor: Extractor, *, che
         "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _optional_settings(spec: EvalSpec) -> dict[str, Any]:
+    """The profile fields of settings that are recorded only away from their defaults (read back by
+    :func:`spec_from_profile`); the domain classifier's training only matters for the domain extractor."""
+    out: dict[str, Any] = {}
+    if spec.caption_text != "caption":
+        out["caption_text"] = spec.caption_text
+    if spec.per_image != 1:
+        out["per_image"] = int(spec.per_image)
+    if spec.extractor == "domain":
+        if spec.extractor_dataset not in (None, spec.dataset):
+            out["extractor_dataset"] = spec.extractor_dataset
+        if spec.extractor_epochs != 30:
+            out["extractor_epochs"] = int(spec.extractor_epochs)
+    return out
 
 
 def profile_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -184,16 +225,15 @@ def load_images(paths: Sequence[Path]) -> list[Any]:
 
 
 def real_feature_key(eval_set: EvalSet, extractor: Extractor, size: int) -> str:
-    h = hashlib.sha256(json.dumps({
+    return sha256_bytes(json.dumps({
         "dataset": eval_set.dataset, "items": [[it.key, it.label, it.pixel_hash] for it in eval_set.items],
         "extractor": extractor.describe(), "preparation": PREPARATION, "size": size, "format": EVAL_FORMAT,
-    }, sort_keys=True).encode())
-    return h.hexdigest()[:40]
+    }, sort_keys=True).encode())[:40]
 
 
 def real_features(ws: Workspace, eval_set: EvalSet, extractor: Extractor, size: int) -> "torch.Tensor":
     """Features of the real images, computed once per (dataset, images, extractor, preparation)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     path = ws.cache_dir / "real-features" / f"{real_feature_key(eval_set, extractor, size)}.safetensors"
     if path.is_file():
@@ -202,19 +242,18 @@ def real_features(ws: Workspace, eval_set: EvalSet, extractor: Extractor, size: 
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
     feats = extractor.features(images_to_uint8(load_images([it.path for it in eval_set.items]), size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": feats.contiguous()}, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, save({"features": feats.contiguous()}))
     return feats
 
 
 # =========================================================================================================
 # Metrics of one feature pair, overall and per class
 # =========================================================================================================
-def score(real: "torch.Tensor", fake: "torch.Tensor", labels: Sequence[str], spec: EvalSpec) -> dict[str, Any]:
+def score(real: "torch.Tensor", fake: "torch.Tensor", labels: Sequence[str], spec: EvalSpec,
+          fake_labels: Sequence[str] | None = None) -> dict[str, Any]:
     """FID/FD with a bootstrap interval, KID mean ± std, PRDC; overall and per class (where a class has the
-    samples a metric needs); with sample-size warnings."""
+    samples a metric needs); with sample-size warnings. ``fake_labels``: the class of each generated image
+    when there are not one per real image (default: ``labels``)."""
     import torch
 
     def one(r: "torch.Tensor", f: "torch.Tensor", boot: int) -> dict[str, Any]:
@@ -236,9 +275,11 @@ def score(real: "torch.Tensor", fake: "torch.Tensor", labels: Sequence[str], spe
                                                  minimum=spec.min_samples)
     per_class = {}
     lab = list(labels)
+    fake_lab = lab if fake_labels is None else list(fake_labels)
     for c in sorted(set(lab)):
         idx = torch.tensor([i for i, x in enumerate(lab) if x == c])
-        per_class[c] = one(real[idx], fake[idx], 0)
+        fidx = torch.tensor([i for i, x in enumerate(fake_lab) if x == c])
+        per_class[c] = one(real[idx], fake[fidx], 0)
     return {"overall": overall, "per_class": per_class}
 
 
@@ -288,20 +329,18 @@ def train_classifier(images: "torch.Tensor", labels: Sequence[int], n_classes: i
 
 
 def domain_extractor(ws: Workspace, store: Any, dataset: str, *, size: int = 64, seed: int = 0,
-                     epochs: int = 30) -> Extractor:
+                     epochs: int = 30) -> "DomainExtractor":
     """The penultimate features of a classifier trained on the dataset's labelled real images (cached in the
     workspace by the images' pixel hashes, labels, size, seed and epochs)."""
-    from safetensors.torch import load_file, save_file
-
-    from .extractors import ModuleExtractor
+    from safetensors.torch import load_file, save
 
     recs = sorted(store.list_images(dataset), key=lambda r: r.id)
     classes = sorted({r.label for r in recs})
     if len(classes) < 2:
         raise ConfigError(f"The domain extractor needs a dataset with at least 2 labelled classes; {dataset!r} "
                           f"has {classes}. Use --extractor inception or dinov2.")
-    key = hashlib.sha256(json.dumps([[r.pixel_hash, r.label] for r in recs] + [size, seed, epochs, EVAL_FORMAT])
-                         .encode()).hexdigest()[:40]
+    key = sha256_bytes(json.dumps([[r.pixel_hash, r.label] for r in recs] + [size, seed, epochs, EVAL_FORMAT])
+                       .encode())[:40]
     path = ws.cache_dir / "domain-classifier" / f"{key}.safetensors"
     net = _small_cnn(len(classes))
     if path.is_file():
@@ -309,25 +348,30 @@ def domain_extractor(ws: Workspace, store: Any, dataset: str, *, size: int = 64,
     else:
         x = images_to_uint8(load_images([ws.image_path(dataset, r.file_name) for r in recs]), size)
         net = train_classifier(x, [classes.index(r.label) for r in recs], len(classes), seed=seed, epochs=epochs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in net.state_dict().items()}))
     net.eval()
-    ex = ModuleExtractor(net[0], name="domain", layer="penultimate (64) of the domain classifier", dim=64)
-    ex.classifier, ex.classes = net, classes  # type: ignore[attr-defined]
-    return ex
+    return DomainExtractor(net, classes)
+
+
+class DomainExtractor(ModuleExtractor):
+    """The domain classifier's penultimate features; keeps the whole classifier and its class names (the
+    downstream-utility checks classify with it)."""
+
+    def __init__(self, classifier: Any, classes: Sequence[str]):
+        super().__init__(classifier[0], name="domain", layer="penultimate (64) of the domain classifier", dim=64)
+        self.classifier, self.classes = classifier, list(classes)
 
 
 def make_extractor(ws: Workspace, store: Any, spec: EvalSpec, *, module: Any = None) -> Extractor:
-    from .extractors import Dinov2Extractor, InceptionExtractor, ModuleExtractor
+    from .extractors import Dinov2Extractor, InceptionExtractor
 
     if spec.extractor == "inception":
         return InceptionExtractor(spec.extractor_weights)
     if spec.extractor == "dinov2":
         return Dinov2Extractor(spec.extractor_weights)
     if spec.extractor == "domain":
-        return domain_extractor(ws, store, spec.dataset, size=spec.size, seed=spec.seed)
+        return domain_extractor(ws, store, spec.extractor_dataset or spec.dataset, size=spec.size, seed=spec.seed,
+                                epochs=spec.extractor_epochs)
     if spec.extractor == "custom":
         if module is None:
             raise ConfigError("extractor 'custom' needs a module (library use only).")
@@ -395,45 +439,80 @@ class EvalResult:
 ImageSource = Callable[[str, list[str], list[int]], list[Path]]
 
 
-def evaluate(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[str], *,
-             images_for: ImageSource, checkpoint_sha256: Callable[[str], str], backbone: str,
-             extractor: Extractor | None = None, memorisation: bool = True,
-             log: Callable[[str], None] | None = None, precision: str = "fp32") -> list[EvalResult]:
-    """Evaluate ``checkpoints`` ("base", "RUN", "RUN@STEP") under one profile; results saved and returned.
-    ``precision`` is the one ``images_for`` generates in (recorded in the profile)."""
-    say = log or (lambda m: None)
+@dataclass
+class RealReference:
+    """The real side of an evaluation, prepared once for any number of checkpoints: the eval set, the
+    extractor and the real images' features."""
+
+    spec: EvalSpec
+    eval_set: EvalSet
+    extractor: Extractor
+    features: "torch.Tensor"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> list[tuple[int, str, int]]:
+        return self.eval_set.plan(self.spec)
+
+
+def prepare_reference(ws: Workspace, store: Any, spec: EvalSpec, *, extractor: Extractor | None = None
+                      ) -> RealReference:
+    """The eval set of ``spec``, its extractor (``extractor`` if given) and the real features (cached)."""
     eval_set = build_eval_set(ws, store, spec)
     t0 = time.perf_counter()
     extractor = extractor or make_extractor(ws, store, spec)
     t_ex = time.perf_counter() - t0
     t0 = time.perf_counter()
     real = real_features(ws, eval_set, extractor, spec.size)
-    t_real = time.perf_counter() - t0
-    say(f"eval set: {len(eval_set.items)} real images in {len(eval_set.classes)} classes; extractor "
-        f"{extractor.name} ({extractor.dim}-d)")
-    prompts = [it.prompt for it in eval_set.items]
-    seeds = [it.seed for it in eval_set.items]
-    labels = [it.label for it in eval_set.items]
+    return RealReference(spec, eval_set, extractor, real, {"extractor_setup_s": round(t_ex, 3),
+                                                           "real_features_s": round(time.perf_counter() - t0, 3)})
+
+
+def evaluate_checkpoint(ws: Workspace, ref: RealReference, checkpoint: str, *, images_for: ImageSource,
+                        checkpoint_sha256: str, backbone: str, memorisation: bool = True, precision: str = "fp32",
+                        log: Callable[[str], None] | None = None) -> EvalResult:
+    """One checkpoint against a prepared reference: its twins from ``images_for`` (one per entry of
+    ``ref.plan``), their features, the scores and the profile; the result is saved and returned."""
+    spec = ref.spec
+    plan = ref.plan
+    t0 = time.perf_counter()
+    paths = images_for(checkpoint, [p for _, p, _ in plan], [s for _, _, s in plan])
+    t_gen = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fake = ref.extractor.features(images_to_uint8(load_images(paths), spec.size))
+    t_fake = time.perf_counter() - t0
+    profile = make_profile(spec, ref.eval_set, ref.extractor, checkpoint=checkpoint,
+                           checkpoint_sha256=checkpoint_sha256, backbone=backbone, precision=precision)
+    labels = [it.label for it in ref.eval_set.items]
+    mets = score(ref.features, fake, labels, spec, fake_labels=[labels[i] for i, _, _ in plan])
+    mem = nearest_training_images(fake, ref.features) if memorisation else None
+    rid = (f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-"
+           f"{sha256_bytes((checkpoint + profile['created_at'] + str(time.perf_counter())).encode())[:8]}")
+    res = EvalResult(id=rid, profile=profile, metrics=mets, images=[str(p) for p in paths], memorisation=mem,
+                     timings={**ref.timings, "generation_s": round(t_gen, 3), "generated_features_s": round(t_fake, 3)})
+    save_result(ws, res)
+    if log is not None:
+        o = mets["overall"]
+        log(f"{checkpoint}: FD {o.get('fd', float('nan')):.4g}  KID {o.get('kid', float('nan')):.4g}")
+    return res
+
+
+def evaluate(ws: Workspace, store: Any, spec: EvalSpec, checkpoints: Sequence[str], *,
+             images_for: ImageSource, checkpoint_sha256: Callable[[str], str], backbone: str,
+             extractor: Extractor | None = None, memorisation: bool = True,
+             log: Callable[[str], None] | None = None, precision: str = "fp32") -> list[EvalResult]:
+    """Evaluate ``checkpoints`` ("base", "RUN", "RUN@STEP") under one profile; results saved and returned.
+    ``precision`` is the one ``images_for`` generates in (recorded in the profile)."""
+    ref = prepare_reference(ws, store, spec, extractor=extractor)
+    if log is not None:
+        log(f"eval set: {len(ref.eval_set.items)} real images in {len(ref.eval_set.classes)} classes; extractor "
+            f"{ref.extractor.name} ({ref.extractor.dim}-d)")
     results = []
     for ck in checkpoints:
-        t0 = time.perf_counter()
-        paths = images_for(ck, prompts, seeds)
-        t_gen = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fake = extractor.features(images_to_uint8(load_images(paths), spec.size))
-        t_fake = time.perf_counter() - t0
-        profile = make_profile(spec, eval_set, extractor, checkpoint=ck, checkpoint_sha256=checkpoint_sha256(ck),
-                               backbone=backbone, precision=precision)
-        mets = score(real, fake, labels, spec)
-        mem = nearest_training_images(fake, real) if memorisation else None
-        rid = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{hashlib.sha256((ck + profile['created_at'] + str(time.perf_counter())).encode()).hexdigest()[:8]}"
-        res = EvalResult(id=rid, profile=profile, metrics=mets, images=[str(p) for p in paths], memorisation=mem,
-                         timings={"extractor_setup_s": round(t_ex, 3), "real_features_s": round(t_real, 3),
-                                  "generation_s": round(t_gen, 3), "generated_features_s": round(t_fake, 3)})
-        save_result(ws, res)
-        say(f"{ck}: FD {mets['overall'].get('fd', float('nan')):.4g}  KID {mets['overall'].get('kid', float('nan')):.4g}")
-        results.append(res)
-        t_ex = t_real = 0.0
+        results.append(evaluate_checkpoint(ws, ref, ck, images_for=images_for, checkpoint_sha256=checkpoint_sha256(ck),
+                                           backbone=backbone, memorisation=memorisation, precision=precision, log=log))
+        # The one-off costs are counted once, with the first checkpoint.
+        ref.timings = {"extractor_setup_s": 0.0, "real_features_s": 0.0}
     return results
 
 
@@ -532,10 +611,10 @@ def generator_source(ws: Workspace, generator: Any, spec: EvalSpec, *, batch_siz
                     "sampler": "DPM-Solver++(2M)", "format": EVAL_FORMAT}
         if generator.precision != "fp32":  # bf16 images are other images; fp32 keeps the folders it always had
             settings["precision"] = generator.precision
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        key = sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:20]
         folder = ws.samples_dir / "eval" / key
         folder.mkdir(parents=True, exist_ok=True)
-        paths = [folder / f"{hashlib.sha256(p.encode()).hexdigest()[:16]}-{s}.png" for p, s in zip(prompts, seeds)]
+        paths = [folder / f"{sha256_bytes(p.encode())[:16]}-{s}.png" for p, s in zip(prompts, seeds)]
         todo = [i for i, p in enumerate(paths) if not (p.is_file() and p.with_suffix(".json").is_file())]
         if todo:
             generator.use(ref, spec.adapter_strength)
@@ -547,9 +626,7 @@ def generator_source(ws: Workspace, generator: Any, spec: EvalSpec, *, batch_siz
             imgs = generator.sample([prompts[i] for i in chunk], [seeds[i] for i in chunk],
                                     negative=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance)
             for i, im in zip(chunk, to_pil(imgs)):
-                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-                im.save(tmp, format="PNG")
-                tmp.replace(paths[i])
+                atomic_write(paths[i], lambda f, im=im: im.save(f, format="PNG"), binary=True)
                 atomic_write_text(paths[i].with_suffix(".json"), json.dumps(
                     {**settings, "checkpoint": ref, "prompt": prompts[i], "seed": seeds[i],
                      "is_random": bool(generator.is_random), "packages": package_versions()}, indent=1))
@@ -625,76 +702,6 @@ def format_blind_results(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_evaluate(args: Any) -> int:
-    from .captions import CaptionStore
-
-    ws = Workspace.open(args.workspace)
-    store = CaptionStore.for_workspace(ws)
-    spec = EvalSpec(dataset=args.dataset, extractor=args.extractor, extractor_weights=args.weights,
-                    per_class=args.per_class, captions=args.captions, steps=args.steps, guidance=args.guidance,
-                    size=args.size, seed=args.seed, precision=args.precision,
-                    classes=[c for c in args.classes.split(",") if c] if args.classes else None)
-    refs = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
-    results = run_evaluation(ws, store, spec, refs, backbone=args.backbone,
-                             log=None if args.json else (lambda m: print(m, flush=True)))
-    table = comparison_table(results)
-    if args.json:
-        for r in results:
-            print(json.dumps({"id": r.id, "checkpoint": r.profile["checkpoint"], "overall": r.metrics["overall"],
-                              "profile": r.profile}, sort_keys=True))
-    else:
-        print(format_comparison(table))
-        for w in results[0].metrics["overall"].get("warnings", []):
-            print(f"warning: {w}")
-    return 0
-
-
-def _cmd_review_results(args: Any) -> int:
-    from .blind import ReviewStore
-
-    ws = Workspace.open(args.workspace)
-    results = load_results(ws)
-    if args.dataset:
-        results = [r for r in results if r.profile.get("dataset") == args.dataset]
-    if results:
-        print(format_comparison(comparison_table(results)))
-    else:
-        print("no evaluation results yet (python -m medart_core evaluate ...)")
-    rs = ReviewStore.for_workspace(ws)
-    for st in rs.studies():
-        print()
-        print(format_blind_results(rs.results(st["name"])))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """``evaluate`` and ``review-results``."""
-    p = subparsers.add_parser("evaluate", help="FD/KID/PRDC of checkpoints under one recorded protocol")
-    p.add_argument("--workspace", "-w", default=None)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--checkpoints", required=True, help="comma-separated: base,RUN,RUN@STEP")
-    p.add_argument("--extractor", default="domain", choices=("inception", "dinov2", "domain"))
-    p.add_argument("--weights", default=None, help="Inception weights file, or DINOv2 Hub id / folder")
-    p.add_argument("--backbone", default=None, help="backbone to generate with (default: the run's)")
-    p.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
-    p.add_argument("--per-class", type=int, default=16)
-    p.add_argument("--captions", default="approved", choices=("approved", "latest"))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5)
-    p.add_argument("--size", type=int, default=64, help="preparation size S for real and generated images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                   help="generation precision: fp32 | bf16 | auto (bf16 where the device runs it fast). Default: "
-                        "bf16 on a GPU, fp32 on a CPU; results in different precisions are not compared")
-    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = subparsers.add_parser("review-results", help="print the comparison and blind-review tables")
-    p.add_argument("--workspace", "-w", default=None)
-    p.add_argument("--dataset", default=None)
-    p.set_defaults(func=_cmd_review_results)
-
-
 # ---- as a job -----------------------------------------------------------------------------------------------
 def run_evaluate_job(ctx: Any) -> dict[str, Any]:
     """The ``evaluate`` job kind: config {"spec": EvalSpec fields, "checkpoints": [...], "backbone": ...}."""
@@ -742,6 +749,7 @@ def checkpoint_order(ref: str) -> tuple[int, str, int]:
     if ref == "base":
         return (0, "", 0)
     run, sep, step = ref.partition("@")
+    step = step.partition(":")[0]   # "RUN@STEP:ema" sorts beside RUN@STEP
     if sep and step.isdigit():
         return (1, run, int(step))
     return (2, ref, 0)
@@ -773,8 +781,9 @@ def select_for_comparison(results: Sequence[EvalResult], *, checkpoints: Sequenc
 
 
 def spec_from_profile(profile: dict[str, Any]) -> EvalSpec:
-    """The EvalSpec a result was measured with, as far as its profile records it (everything that builds the
-    eval set and the images; kid/bootstrap settings keep their defaults)."""
+    """The EvalSpec a result was measured with, as far as its profile records it: everything that builds the
+    eval set and the images, and the KID, PRDC and bootstrap settings (min_samples, which only words warnings,
+    keeps its default)."""
     import re
 
     m = re.fullmatch(r"per class up to (\d+) \(seed (-?\d+)\)", str(profile.get("real_split", "")))
@@ -787,7 +796,13 @@ def spec_from_profile(profile: dict[str, Any]) -> EvalSpec:
                     steps=int(profile.get("steps", 20)), guidance=float(profile.get("guidance", 4.5)),
                     negative_prompt=profile.get("negative_prompt", ""),
                     adapter_strength=float(profile.get("adapter_strength", 1.0)),
-                    precision=str(profile.get("precision", "fp32")))
+                    precision=str(profile.get("precision", "fp32")),
+                    caption_text=str(profile.get("caption_text", "caption")),
+                    per_image=int(profile.get("per_image", 1)),
+                    extractor_dataset=profile.get("extractor_dataset"),
+                    extractor_epochs=int(profile.get("extractor_epochs", 30)),
+                    kid_subsets=int((profile.get("kid") or {}).get("subsets", 100)),
+                    n_boot=int(profile.get("bootstrap", 50)), prdc_k=int(profile.get("prdc_k", 5)))
 
 
 def result_eval_items(ws: Workspace, store: Any, res: EvalResult) -> list[EvalItem]:
@@ -800,11 +815,13 @@ def result_eval_items(ws: Workspace, store: Any, res: EvalResult) -> list[EvalIt
     spec = spec_from_profile(res.profile)
     try:
         es = build_eval_set(ws, store, spec)
-        if es.digest() == res.profile.get("eval_set_sha256") and len(es.items) == len(res.images):
-            return es.items
+        plan = es.plan(spec)
+        if es.digest() == res.profile.get("eval_set_sha256") and len(plan) == len(res.images):
+            return [dataclasses.replace(es.items[i], seed=seed) for i, _, seed in plan]
     except MedArtError:
         pass
-    by_seed = {derive_seed(spec.seed, "eval-seed", r.pixel_hash, bits=31): r for r in store.list_images(spec.dataset)}
+    by_seed = {derive_seed(spec.seed, "eval-seed", r.pixel_hash, *([k] if k else []), bits=31): r
+               for r in store.list_images(spec.dataset) for k in range(int(spec.per_image))}
     items = []
     for p in res.images:
         side = Path(p).with_suffix(".json")
@@ -883,10 +900,7 @@ def export_grid_png(ws: Workspace, grid: SideBySide, rows: Sequence[int] | None 
     rows = list(range(len(grid.items))) if rows is None else list(rows)
     if not grid.columns or not rows:
         raise ConfigError("Nothing to export: load results with at least one checkpoint and one row first.")
-    try:
-        font = ImageFont.load_default(size=max(10, cell // 11))
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(10, cell // 11))
     label_w, head_h, pad = cell, max(28, cell // 5), 4
     random = any(is_random_backbone(c.profile) for c in grid.columns)
     top = head_h * (2 if random else 1)
@@ -910,12 +924,10 @@ def export_grid_png(ws: Workspace, grid: SideBySide, rows: Sequence[int] | None 
     if path is None:
         folder = ws.exports_dir / "compare-grids"
         folder.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(repr([c.id for c in grid.columns] + rows).encode()).hexdigest()[:6]
+        digest = sha256_bytes(repr([c.id for c in grid.columns] + rows).encode())[:6]
         path = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{digest}.png"
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"), binary=True)
     return path
 
 

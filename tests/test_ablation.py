@@ -164,6 +164,35 @@ def test_smoke_ablation_end_to_end_and_rerun_skips_done_cells(ws, store):
     assert [r["color_gap"] for r in again["rows"]] == [r["color_gap"] for r in table["rows"]]
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: one cell trained and scored, then evaluated again through evaluate
+def test_a_cell_is_an_evaluation_the_compare_tab_reproduces(ws, store):
+    """A cell's FD/KID are an ``evaluate`` result with its profile: evaluating the cell's checkpoint again
+    through ``run_evaluation`` (the Compare tab's path; its twins regenerated from the saved checkpoint) under
+    the cell's profile gives the same figures, and the two results are comparable."""
+    import shutil
+
+    from medart_core import evaluate as E
+
+    p = A.get_preset("smoke", rows=("hldf",))
+    A.run_ablation(ws, store, p, log=lambda m: None)
+    cell = json.loads((A.ablation_dir(ws, p) / "cells" / "hldf-s0.json").read_text(encoding="utf-8"))
+    assert cell["checkpoint"] == A.run_name(p, "hldf", 0)
+    profile = cell["profiles"]["domain"]
+    saved = {r.id: r for r in E.load_results(ws)}[cell["evaluations"]["domain"]]
+    assert saved.profile == profile and saved.metrics["overall"]["fd"] == cell["fd_domain"]
+    assert profile["checkpoint"] == cell["checkpoint"] and profile["n_generated"] == cell["n_generated"] == 59
+    assert profile["extractor_dataset"] == A.SOURCE_DATASET and profile["backbone"] == "demo"
+
+    shutil.rmtree(ws.samples_dir / "eval")          # the Compare tab's run draws its own twins
+    (res,) = E.run_evaluation(ws, store, E.spec_from_profile(profile), [cell["checkpoint"]], backbone="demo")
+    assert E.profile_mismatch(profile, res.profile) == []
+    o = res.metrics["overall"]
+    assert (o["fd"], o["fd_ci"], o["kid"], o["kid_std"]) == \
+        (cell["fd_domain"], cell["fd_domain_ci"], cell["kid_domain"], cell["kid_domain_std"])
+    table = E.comparison_table([saved, res])
+    assert [r["comparable"] for r in table["rows"]] == [True, True]
+
+
 @pytest.mark.slow
 def test_ablation_runs_as_a_job(ws, store, procs, ledger):
     from test_jobs import _wait

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from medart_core import evaluate as E
-from medart_core.errors import ProfileMismatchError
+from medart_core.errors import ConfigError, ProfileMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,55 @@ def test_kid_of_one_subset_of_all_images_is_never_marked_best():
                                                  "kid_subset_size": 10, "n": 10}})
     table = E.comparison_table([res(0, 10.0, 0.1), res(1, 50.0, 0.5)])
     assert table["best"] == {"fd": "r0"}, "FD intervals are separated; KID over one subset of all N has none"
+
+
+def test_twins_per_image_class_prompts_and_the_profile_round_trip(sample):
+    """``per_image`` twins per real image (the image's own seed first), class-seed prompts, the domain
+    classifier of another dataset: all recorded in the profile (only away from their defaults) and read back
+    by ``spec_from_profile``; per-class scores pair each class's real images with its twins."""
+    from medart_core.examples import class_seed_caption
+
+    ws, store = sample
+    spec = E.EvalSpec(dataset="sample", classes=["fundus_retina", "histology_ihc"], per_class=5, captions="latest",
+                      caption_text="class", per_image=2, extractor_epochs=2, kid_subsets=7, n_boot=4, min_samples=2)
+    seen: list[tuple[str, int]] = []
+
+    def images_for(ck, prompts, seeds):
+        seen.extend(zip(prompts, seeds))
+        d = ws.samples_dir / f"twins-{ck}"
+        d.mkdir(parents=True, exist_ok=True)
+        out = []
+        for j in range(len(prompts)):
+            it = ref.eval_set.items[j // 2]
+            arr = np.asarray(Image.open(it.path).convert("RGB")).astype(np.int16)
+            arr[..., 2] = np.clip(arr[..., 2] + 20 * (j % 2), 0, 255)
+            out.append(d / f"{j}.png")
+            Image.fromarray(arr.astype(np.uint8)).save(out[-1])
+        return out
+
+    ref = E.prepare_reference(ws, store, spec)
+    n = len(ref.eval_set.items)
+    assert n == 10 and len(ref.plan) == 2 * n
+    res = E.evaluate_checkpoint(ws, ref, "twins", images_for=images_for, checkpoint_sha256="sha-twins",
+                                backbone="tiny")
+    assert len(res.images) == len(seen) == 2 * n
+    items = ref.eval_set.items
+    assert [s for _, s in seen[::2]] == [it.seed for it in items]            # the first twin: the image's seed
+    assert len({s for _, s in seen}) == 2 * n
+    assert [p for p, _ in seen] == [class_seed_caption(store, "sample", it.label) for it in items for _ in (0, 1)]
+    p = res.profile
+    assert p["n_real"] == n and p["n_generated"] == 2 * n and p["per_image"] == 2 and p["caption_text"] == "class"
+    assert p["extractor_epochs"] == 2 and p["prompt_set"] == E.PROMPT_SETS["class"]
+    assert {c: v["n"] for c, v in res.metrics["per_class"].items()} == {"fundus_retina": 5, "histology_ihc": 5}
+    assert np.isfinite(res.metrics["overall"]["fd"]) and len(res.metrics["overall"]["fd_ci"]) == 2
+    back = E.spec_from_profile(p)
+    for k in ("caption_text", "per_image", "extractor_epochs", "kid_subsets", "n_boot", "per_class", "captions"):
+        assert getattr(back, k) == getattr(spec, k), k
+    assert [(it.key, it.seed) for it in E.result_eval_items(ws, store, res)] == \
+        [(items[i].key, s) for i, _, s in ref.plan]
+    # A default spec records none of these settings: results made before they existed stay comparable.
+    plain = E.make_profile(E.EvalSpec(dataset="sample"), ref.eval_set, ref.extractor, checkpoint="x",
+                           checkpoint_sha256="x", backbone="tiny")
+    assert not {"caption_text", "per_image", "extractor_dataset", "extractor_epochs"} & set(plain)
+    with pytest.raises(ConfigError, match="caption_text"):
+        E.EvalSpec(caption_text="vsg")
