@@ -3,7 +3,6 @@ truth about its files, and its recipe (shortened) reproduces bit for bit."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -24,16 +23,13 @@ def _library_image(bb, prompt: str, seed: int) -> torch.Tensor:
         return pixart.decode(bb.vae, lat)
 
 
-def test_demo_loads_offline_quickly_and_is_labelled(monkeypatch):
+def test_demo_loads_offline_and_is_labelled(monkeypatch):
     import diffusers  # noqa: F401  (import time is not load time: tiny pays it too)
     import transformers  # noqa: F401
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    load_backbone("demo")  # warm the file cache, as the studio's second start would be
-    t = time.perf_counter()
+    # Its load time is a speed goal, measured in bench/demo_backbone.py (load_s), not timed here.
     bb = load_backbone("demo")
-    elapsed = time.perf_counter() - t
-    assert elapsed < 2.0, f"load_backbone('demo') took {elapsed:.2f} s"
     assert bb.label == DEMO_LABEL and not bb.is_random and bb.spec == "demo"
     assert bb.resolution == 64 and bb.latent_size == 16   # the VAE downsamples 4x (DemoArchitecture)
     assert bb.transformer.dtype == torch.float32 and not any(p.requires_grad for p in bb.transformer.parameters())
