@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotFoundError
+from .errors import ConfigError, NotFoundError
 from .fileio import atomic_write_text, fsync_dir, fsync_file
 from .workspace import RunLayout, Workspace
 
@@ -189,15 +189,23 @@ def checkpoint_step(ck: Path) -> int:
     return int(Path(ck).name[5:])
 
 
+COMPLETE_MARKER = "COMPLETE"
+
+
 def _is_complete(ck: Path) -> bool:
-    """A checkpoint counts only when state.json is there and every file it lists has the listed size."""
+    """A checkpoint counts only when state.json is there, every file it lists has the listed size, and (when
+    state.json names a completion marker, as every checkpoint written since issue 17 does) the marker is
+    there: a shared filesystem can show the renamed folder before all of its files. Checkpoints of older
+    versions name no marker and count by their files alone, so their runs still resume."""
     sj = ck / "state.json"
     if not sj.is_file():
         return False
     try:
         state = json.loads(sj.read_text(encoding="utf-8"))
-        return all((ck / name).is_file() and (ck / name).stat().st_size == size
-                   for name, size in state["files"].items())
+        files_ok = all((ck / name).is_file() and (ck / name).stat().st_size == size
+                       for name, size in state["files"].items())
+        marker = state.get("complete_marker")
+        return files_ok and (marker is None or (ck / str(marker)).is_file())
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return False
 
@@ -266,7 +274,7 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, "tor
         save_file({k: v.contiguous() for k, v in tdict.items()}, str(p), metadata={"format": "pt"})
         fsync_file(p)
         files[p.name] = p.stat().st_size
-    state = dict(state, files=files, format=CHECKPOINT_FORMAT)
+    state = dict(state, files=files, format=CHECKPOINT_FORMAT, complete_marker=COMPLETE_MARKER)
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True)
         f.flush()
@@ -278,6 +286,9 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, "tor
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(root)
+    # Written after the rename: a reader on another machine that sees the marker sees the whole folder.
+    atomic_write_text(final / COMPLETE_MARKER, f"{step}\n")
+    fsync_dir(final)
     atomic_write_text(layout.latest_pointer, final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != final:
@@ -322,6 +333,65 @@ def load_adapter_tensors(backbone: Any, flat: dict[str, "torch.Tensor"]) -> None
         part, _, key = k.partition("::")
         nested.setdefault(part, {})[key] = v
     load_lora_state_dict(backbone, nested)
+
+
+# =========================================================================================================
+# EMA weights of a run (issue 19 §1): which adapter file a checkpoint reference's ":WEIGHTS" names
+# =========================================================================================================
+EMA_FILE = "ema.safetensors"            # the classic EMA in a checkpoint folder, keyed like adapters.safetensors
+
+
+def posthoc_dir(run_dir: Path) -> Path:
+    """``runs/RUN/ema/``: the post-hoc EMA snapshots ``phema-*.safetensors`` of a run."""
+    return Path(run_dir) / "ema"
+
+
+def reconstructed_path(run_dir: Path, step: int, sigma_rel: float) -> Path:
+    """Where ``ema reconstruct`` writes the EMA of relative std ``sigma_rel`` at ``step`` (named by the
+    reference ``RUN@STEP:ema-<sigma_rel>``); a ``.json`` report sits beside it."""
+    return posthoc_dir(run_dir) / "reconstructed" / f"step_{int(step):06d}-sigma_{float(sigma_rel):.4f}.safetensors"
+
+
+def parse_weights(weights: str) -> tuple[str, float | None]:
+    """``"raw"`` → ("raw", None); ``"ema"`` → ("ema", None); ``"ema-0.08"`` → ("posthoc", 0.08)."""
+    w = (weights or "raw").strip()
+    if w in ("raw", "ema"):
+        return w, None
+    head, _, sig = w.partition("-")
+    if head == "ema" and sig:
+        try:
+            s = float(sig)
+        except ValueError:
+            s = -1.0
+        if 0.0 < s < 1.0:
+            return "posthoc", s
+    raise ConfigError(f"Unknown weights {weights!r} after ':' in a checkpoint reference: use ':ema' (the EMA "
+                      "kept while training) or ':ema-SIGMA' (a post-hoc EMA reconstructed with "
+                      "`python -m medart_core ema reconstruct`, e.g. ':ema-0.08'); no suffix means the raw weights.")
+
+
+def weights_file(ck: Path, weights: str) -> Path:
+    """The adapters file of checkpoint folder ``ck`` for ``weights`` ("raw", "ema", "ema-SIGMA"); a
+    ConfigError says how to get weights the run does not have."""
+    ck = Path(ck)
+    kind, sigma = parse_weights(weights)
+    step = checkpoint_step(ck)
+    run_dir = ck.parent.parent
+    if kind == "raw":
+        return ck / "adapters.safetensors"
+    if kind == "ema":
+        p = ck / EMA_FILE
+        if not p.is_file():
+            raise ConfigError(f"Checkpoint {run_dir.name}@{step} has no EMA weights: the run was trained without "
+                              "--ema.decay. Use the raw weights (no ':ema'), or train with --ema.decay 0.999.")
+        return p
+    p = reconstructed_path(run_dir, step, float(sigma))
+    if not p.is_file():
+        how = ("reconstruct it with `python -m medart_core ema reconstruct --run "
+               f"{run_dir.name} --sigma-rel {sigma:g} --step {step}`" if posthoc_dir(run_dir).is_dir()
+               else "the run was trained without --ema.posthoc, so it has no snapshots to reconstruct from")
+        raise ConfigError(f"Checkpoint {run_dir.name}@{step} has no post-hoc EMA of sigma_rel {sigma:g}: {how}.")
+    return p
 
 
 

@@ -118,7 +118,8 @@ def run_train_job(ctx: JobContext) -> dict[str, Any]:
     c = ctx.config
     run = ctx.job.run
     layout = ctx.ws.run_layout(run)
-    resume = run if (c.get("resume") or (ctx.attempt > 1 and layout.config.is_file())) else None
+    # A later attempt, or the same attempt requeued by Slurm (ctx.restarted), continues from the checkpoint.
+    resume = run if (c.get("resume") or (ctx.resumed and layout.config.is_file())) else None
     if resume:
         saved = TrainConfig.from_json(layout.config.read_text(encoding="utf-8"))
         cfg = None

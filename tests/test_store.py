@@ -119,6 +119,9 @@ def test_old_job_ledger_opens_reads_and_writes(ws):
         (job,) = ledger.list()
         assert (job.kind, job.owner, job.config["seconds"], job.state) == ("sleep", "alice", 0.0, "queued")
         assert [e.event for e in ledger.events(job.id)] == ["submitted"]
+        # schema 2 (issue 17) added where a job runs: every row of the old ledger ran here
+        assert (job.executor, job.remote_id, job.remote_folder, job.remote_reason) == ("local", None, None, None)
+        assert ledger.conn().execute("PRAGMA user_version").fetchone()[0] == 2
         new = ledger.submit("sleep", {"seconds": 0})
         assert {j.id for j in ledger.list()} == {job.id, new.id}
     finally:

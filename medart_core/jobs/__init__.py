@@ -15,7 +15,14 @@ a ledger without a liveness check leaves crashed jobs ``running`` forever and bl
   state, SIGTERM/SIGINT as a stop;
 * :mod:`.supervisor`: ``python -m medart_core worker`` (one per workspace, an flock): schedules, escalates
   stops (flag, SIGTERM, SIGKILL), reconciles dead or silent jobs to ``interrupted``;
-* :mod:`.executor`: ``Executor``/``LocalExecutor``, the only door the studio and the CLI use; ``wait_for``;
+* :mod:`.channel`: how a job process reports (``LedgerChannel`` here; ``FileChannel``: atomic JSON files in
+  ``W/jobs/<id>/attempt-<n>/`` for a job on a Slurm node, which must not write SQLite on a shared mount);
+* :mod:`.slurm_bridge`: the supervisor's Slurm side: submits queued jobs of a named Slurm executor through
+  submitit, writes their stop flag, polls ``squeue``/``scontrol`` every ``SlurmBridge.POLL_S`` and ingests
+  the attempt's files into the ledger; :mod:`.remote`: the job on the node (``RemoteAttempt``, requeued by
+  submitit's checkpointing on a time limit or a preemption);
+* :mod:`.executor`: ``Executor``/``LocalExecutor``, the only door the studio and the CLI use (``submit(...,
+  executor=NAME)``, ``resume(..., executor=NAME)``); ``wait_for``;
 * :mod:`.sleep`: the ``sleep`` diagnostic kind. The ``train`` kind lives in :mod:`medart_core.train_job`.
 
 **Resume** of an ``interrupted``/``stopped``/``failed`` job queues a new *attempt of the same job* (same id,

@@ -26,13 +26,15 @@ class Executor(ABC):
 
     # ---- steering
     @abstractmethod
-    def submit(self, kind: str, config: dict[str, Any], *, owner: str | None = None) -> Job: ...
+    def submit(self, kind: str, config: dict[str, Any], *, owner: str | None = None,
+               executor: str = "local") -> Job: ...
 
     @abstractmethod
     def stop(self, job_id: str) -> Job: ...
 
     @abstractmethod
-    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None) -> Job: ...
+    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None,
+               executor: str | None = None) -> Job: ...
 
     # ---- reading
     @abstractmethod
@@ -74,7 +76,9 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    """Jobs on this machine, supervised by ``python -m medart_core worker`` (spawned on demand)."""
+    """Jobs on this machine, supervised by ``python -m medart_core worker`` (spawned on demand), and jobs of
+    the workspace's named Slurm executors (``executor=NAME``), which that same supervisor submits through
+    submitit and polls: one door, one ledger, whichever executor runs the job."""
 
     def __init__(self, ws: Workspace, *, start_supervisor: bool = True, idle_exit_s: float | None = None):
         self.ws = ws
@@ -86,8 +90,15 @@ class LocalExecutor(Executor):
         if self.start_supervisor:
             ensure_supervisor(self.ws, idle_exit_s=self.idle_exit_s)
 
-    def submit(self, kind: str, config: dict[str, Any], *, owner: str | None = None) -> Job:
-        job = self.ledger.submit(kind, config, owner=owner)
+    def _executor_name(self, name: str) -> str:
+        """``name`` checked against the workspace's executors (NotFoundError listing the known ones)."""
+        from ..executors import get_executor_spec
+
+        return get_executor_spec(self.ws, name).name
+
+    def submit(self, kind: str, config: dict[str, Any], *, owner: str | None = None,
+               executor: str = "local") -> Job:
+        job = self.ledger.submit(kind, config, owner=owner, executor=self._executor_name(executor))
         self._ensure()
         return job
 
@@ -97,8 +108,11 @@ class LocalExecutor(Executor):
             self._ensure()       # someone must escalate if the job ignores the flag
         return job
 
-    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None) -> Job:
-        job = self.ledger.resume(job_id, max_steps=max_steps, owner=owner)
+    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None,
+               executor: str | None = None) -> Job:
+        """A new attempt; ``executor`` None: where the last one ran, a name: move the attempt there."""
+        where = self._executor_name(executor) if executor is not None else None
+        job = self.ledger.resume(job_id, max_steps=max_steps, owner=owner, executor=where)
         self._ensure()
         return job
 

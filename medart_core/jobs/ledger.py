@@ -24,6 +24,7 @@ from .. import durable
 from ..errors import ConfigError, NotFoundError
 from ..store import SqliteStore
 from ..workspace import Workspace, validate_name
+from .channel import slurm_log_section
 from .kinds import get_kind, resume_hint
 from .process import process_alive, process_start_token, signal_group
 from .records import ACTIVE, DONE, FAILED, INTERRUPTED, QUEUED, RUNNING, STATES, STOPPED, STOPPING, Job, JobEvent
@@ -31,7 +32,7 @@ from .records import at_step as _at_step
 from .records import jobs_dir, tail_text
 from .records import now as _now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 15_000
 
 _SCHEMA = f"""
@@ -62,7 +63,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     queued_at         REAL NOT NULL,
     started_at        REAL,
     finished_at       REAL,
-    updated_at        REAL NOT NULL
+    updated_at        REAL NOT NULL,
+    executor          TEXT NOT NULL DEFAULT 'local',  -- a name from medart_core.executors (schema 2)
+    remote_id         TEXT,                     -- the Slurm job id of the current attempt
+    remote_folder     TEXT,                     -- its submitit folder (Slurm's stdout/stderr)
+    remote_reason     TEXT                      -- Slurm's PENDING reason / the interruption's cause
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, queued_at);
 CREATE INDEX IF NOT EXISTS jobs_by_run ON jobs (run);
@@ -91,6 +96,18 @@ CREATE TABLE IF NOT EXISTS supervisor (
 """
 
 
+# Schema 2 (issue 17): where a job runs. A ledger of schema 1 gets the columns (every old row: "local").
+_V2_COLUMNS = (("executor", "TEXT NOT NULL DEFAULT 'local'"), ("remote_id", "TEXT"), ("remote_folder", "TEXT"),
+               ("remote_reason", "TEXT"))
+
+
+def _add_executor_columns(con: sqlite3.Connection) -> None:
+    have = {r[1] for r in con.execute("PRAGMA table_info(jobs)").fetchall()}
+    for name, decl in _V2_COLUMNS:
+        if name not in have:      # a schema-0 file just created by _SCHEMA has them already
+            con.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+
+
 class JobLedger(SqliteStore):
     """The job table and its event log over ``ws.jobs_db``; safe across threads and processes. Connection,
     schema version and the write transaction with its durable write-through come from ``SqliteStore``."""
@@ -98,7 +115,7 @@ class JobLedger(SqliteStore):
     SCHEMA_VERSION = SCHEMA_VERSION
     SCHEMA = _SCHEMA
     # A ledger written before it kept a version (user_version 0): the script only adds what is missing.
-    MIGRATIONS = {0: _SCHEMA}
+    MIGRATIONS = {0: _SCHEMA, 1: _add_executor_columns}
     DURABLE_SPEC = durable.JOBS          # new job events + their jobs rows (heartbeats write no event)
     BUSY_TIMEOUT_MS = BUSY_TIMEOUT_MS
     BUSY_MESSAGE = ("The job ledger {path} is busy (another process held it for over {seconds} s); try again in "
@@ -169,21 +186,33 @@ class JobLedger(SqliteStore):
         return jobs_dir(self.ws) / validate_name(job_id, "job id") / "log.txt"
 
     def log_tail(self, job_id: str, lines: int = 40, max_bytes: int = 64_000) -> str:
-        """The last ``lines`` lines of the job's log, reading at most ``max_bytes`` from its end (O(1))."""
-        return tail_text(self.log_path(job_id), lines, max_bytes)
+        """The last ``lines`` lines of the job's log, reading at most ``max_bytes`` from its end (O(1)); for a
+        remote job that failed before its code started, Slurm's own stderr/stdout tail below it."""
+        own = tail_text(self.log_path(job_id), lines, max_bytes)
+        slurm_part = self._slurm_section(job_id, lines)
+        return "\n\n".join(p for p in (own, slurm_part) if p)
+
+    def _slurm_section(self, job: Job | str, lines: int) -> str:
+        job = self.get(job) if isinstance(job, str) else job
+        if not job.is_remote:
+            return ""
+        return slurm_log_section(self.ws, job, lines)
 
     def error_report(self, job: Job | str, lines: int = 20) -> str:
         """What a user sees for a failed/interrupted job: the cause in one sentence, the log tail below."""
         job = self.get(job) if isinstance(job, str) else job
         if not job.error:
             return ""
-        tail = self.log_tail(job.id, lines)
-        return f"{job.error}\n\nLast lines of {job.log_path}:\n{tail}" if tail else job.error
+        tail = tail_text(self.log_path(job.id), lines)
+        out = f"{job.error}\n\nLast lines of {job.log_path}:\n{tail}" if tail else job.error
+        slurm_part = self._slurm_section(job, lines)     # the failure happened before our code ran
+        return f"{out}\n\n{slurm_part}" if slurm_part else out
 
     # ---- submitting and steering ------------------------------------------------------------------------
     def submit(self, kind: str, config: dict[str, Any] | None = None, *, owner: str | None = None,
-               job_id: str | None = None, cwd: str | os.PathLike | None = None) -> Job:
-        """Queue a job of a registered kind; the kind's ``prepare`` validates the config first."""
+               job_id: str | None = None, cwd: str | os.PathLike | None = None, executor: str = "local") -> Job:
+        """Queue a job of a registered kind; the kind's ``prepare`` validates the config first. ``executor``:
+        where it runs (the caller checked the name); the supervisor starts or submits it from this row."""
         k = get_kind(kind)
         config = dict(config or {})
         run = None
@@ -210,10 +239,11 @@ class JobLedger(SqliteStore):
                                          else f"resume that job, or choose another run name."))
             con.execute(
                 "INSERT INTO jobs (id, kind, target, uses_gpu, config, owner, cwd, state, attempt, run, log_path, "
-                "created_at, queued_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+                "created_at, queued_at, updated_at, executor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
                 (job_id, kind, k.target, int(k.uses_gpu), json.dumps(config, sort_keys=True), owner,
-                 str(Path(cwd or os.getcwd()).resolve()), QUEUED, run, str(log), now, now, now))
-            self._event(con, job_id, 1, "submitted", QUEUED, {"owner": owner, "run": run}, now)
+                 str(Path(cwd or os.getcwd()).resolve()), QUEUED, run, str(log), now, now, now, executor))
+            self._event(con, job_id, 1, "submitted", QUEUED, {"owner": owner, "run": run, "executor": executor},
+                        now)
         return self.get(job_id)
 
     def request_stop(self, job_id: str, *, reason: str = "requested") -> Job:
@@ -223,7 +253,11 @@ class JobLedger(SqliteStore):
             row = self._row(con, job_id)
             if row is None:
                 raise NotFoundError(f"No job {job_id!r}; `jobs list` shows the jobs.")
-            if row["state"] == QUEUED:
+            if row["state"] == QUEUED and row["remote_id"] is not None:
+                # already handed to Slurm: the supervisor cancels it there (or it stops at its next step)
+                self._transition(con, row, "stop_requested", STOPPING, {"reason": reason, "remote": True},
+                                 stop_requested_at=_now())
+            elif row["state"] == QUEUED:
                 self._transition(con, row, "stop_requested", STOPPED, {"reason": reason, "before_start": True},
                                  stop_requested_at=_now(), finished_at=_now())
             elif row["state"] == RUNNING:
@@ -235,9 +269,11 @@ class JobLedger(SqliteStore):
                 raise ConfigError(f"Job {job_id} is {row['state']} already; there is nothing to stop.")
         return self.get(job_id)
 
-    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None) -> Job:
+    def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None,
+               executor: str | None = None) -> Job:
         """Queue a new attempt of an interrupted, stopped or failed job (same id, attempt + 1). A ``done`` job
-        may be resumed with a larger ``max_steps`` (training continues past its end)."""
+        may be resumed with a larger ``max_steps`` (training continues past its end). ``executor``: where the
+        new attempt runs (None: where the last one ran)."""
         with self.write() as con:
             row = self._row(con, job_id)
             if row is None:
@@ -262,8 +298,12 @@ class JobLedger(SqliteStore):
                 detail["max_steps"] = int(max_steps)
             if owner:
                 detail["by"] = owner
+            where = executor or row["executor"] or "local"
+            if where != (row["executor"] or "local"):
+                detail["executor"] = where
             now = _now()
-            self._transition(con, row, "resumed", QUEUED, detail, attempt=row["attempt"] + 1,
+            self._transition(con, row, "resumed", QUEUED, detail, attempt=row["attempt"] + 1, executor=where,
+                             remote_id=None, remote_folder=None, remote_reason=None,
                              config=json.dumps(config, sort_keys=True), error=None, result=None, pid=None,
                              pid_start=None, stop_requested_at=None, term_sent_at=None, kill_sent_at=None,
                              finished_at=None, queued_at=now)
@@ -279,6 +319,8 @@ class JobLedger(SqliteStore):
         changed = []
         now = _now()
         for job in self.list(states=ACTIVE):
+            if job.is_remote:
+                continue         # Slurm says whether it lives: the supervisor's poll reconciles it
             if job.id in children:
                 pass
             elif job.pid is None:
@@ -416,6 +458,91 @@ class JobLedger(SqliteStore):
             if info is not None:
                 fields_["progress_info"] = json.dumps(info, sort_keys=True)
             self._transition(con, row, "finished", state, detail, **fields_)
+        return True
+
+    # ---- supervisor side, remote jobs (what the Slurm bridge learnt from Slurm and the job's files) -------
+    def _remote_row(self, con: sqlite3.Connection, job_id: str, attempt: int,
+                    states: Sequence[str]) -> sqlite3.Row | None:
+        row = self._row(con, job_id)
+        if row is None or row["attempt"] != attempt or row["state"] not in states:
+            return None
+        return row
+
+    def remote_submitted(self, job_id: str, attempt: int, remote_id: str, folder: str) -> bool:
+        """The attempt is in Slurm's queue: its Slurm id and submitit folder, with an event, in one transaction."""
+        with self.write() as con:
+            row = self._remote_row(con, job_id, attempt, (QUEUED, STOPPING))
+            if row is None or row["remote_id"] is not None:
+                return False
+            self._transition(con, row, "submitted_remote", row["state"],
+                             {"executor": row["executor"], "remote_id": remote_id, "folder": folder},
+                             remote_id=remote_id, remote_folder=folder, remote_reason=None)
+        return True
+
+    def remote_pending(self, job_id: str, attempt: int, reason: str) -> bool:
+        """Slurm holds the job PENDING (a requeued one too: running -> queued); an event when the reason changes."""
+        with self.write() as con:
+            row = self._remote_row(con, job_id, attempt, (QUEUED, RUNNING))
+            if row is None:
+                return False
+            if row["state"] == RUNNING:      # submitit requeued it after a time limit or a preemption
+                self._transition(con, row, "requeued", QUEUED, {"reason": reason}, remote_reason=reason,
+                                 queued_at=_now())
+            elif row["remote_reason"] != reason:
+                self._transition(con, row, "pending", QUEUED, {"reason": reason}, remote_reason=reason)
+        return True
+
+    def remote_running(self, job_id: str, attempt: int) -> bool:
+        """queued -> running: Slurm started the attempt on a node."""
+        with self.write() as con:
+            row = self._remote_row(con, job_id, attempt, (QUEUED,))
+            if row is None:
+                return False
+            now = _now()
+            self._transition(con, row, "started", RUNNING, {"remote_id": row["remote_id"]}, started_at=now,
+                             heartbeat_at=now, remote_reason=None, finished_at=None)
+        return True
+
+    def remote_beat(self, job_id: str, attempt: int, heartbeat_at: float | None, progress: float | None,
+                    info: dict[str, Any] | None) -> bool:
+        """The job's own heartbeat and progress, read from its files (no event: heartbeats write none)."""
+        sets, args = ["updated_at = ?"], [_now()]
+        for col, val in (("heartbeat_at", heartbeat_at), ("progress", progress),
+                         ("progress_info", json.dumps(info, sort_keys=True) if info is not None else None)):
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)
+        with self.write() as con:
+            cur = con.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND attempt = ? AND state IN (?, ?)",
+                              (*args, job_id, attempt, RUNNING, STOPPING))
+        return cur.rowcount > 0
+
+    def remote_gone(self, job_id: str, attempt: int, state: str, message: str, *,
+                    slurm_state: str = "") -> bool:
+        """Slurm ended the attempt without its final record: ``state`` (interrupted/failed) with ``message``;
+        a job being stopped through Med-Art ends ``stopped``."""
+        with self.write() as con:
+            row = self._remote_row(con, job_id, attempt, (QUEUED, RUNNING, STOPPING))
+            if row is None:
+                return False
+            detail = {"remote_id": row["remote_id"], "slurm_state": slurm_state}
+            if row["state"] == STOPPING:
+                self._transition(con, row, "finished", STOPPED, dict(detail, how="cancelled on Slurm"),
+                                 finished_at=_now())
+            else:
+                event = "interrupted" if state == INTERRUPTED else "finished"
+                self._transition(con, row, event, state, detail, error=message, finished_at=_now(),
+                                 remote_reason=slurm_state or None)
+        return True
+
+    def remote_failed_to_submit(self, job_id: str, attempt: int, message: str) -> bool:
+        """sbatch refused the attempt: it fails with Slurm's words (nothing was queued there)."""
+        with self.write() as con:
+            row = self._remote_row(con, job_id, attempt, (QUEUED, STOPPING))
+            if row is None or row["remote_id"] is not None:
+                return False
+            self._transition(con, row, "finished", FAILED, {"submit_error": message}, error=message,
+                             finished_at=_now())
         return True
 
     # ---- supervisor row (for display; the flock is what guarantees one supervisor) ----------------------

@@ -96,6 +96,11 @@ class Job:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    # Where the job runs (a name from medart_core.executors) and, off this machine, its Slurm handle.
+    executor: str = "local"
+    remote_id: str | None = None       # the Slurm job id of the current attempt
+    remote_folder: str | None = None   # the submitit folder holding Slurm's logs of that attempt
+    remote_reason: str | None = None   # Slurm's PENDING reason, or the cause of an interruption
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -104,6 +109,7 @@ class Job:
         d["config"] = json.loads(d["config"] or "{}")
         d["progress_info"] = json.loads(d["progress_info"] or "{}")
         d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["executor"] = d.get("executor") or "local"
         return cls(**d)
 
     # ---- views -------------------------------------------------------------------------------------------
@@ -118,6 +124,11 @@ class Job:
     @property
     def resumable(self) -> bool:
         return self.state in RESUMABLE
+
+    @property
+    def is_remote(self) -> bool:
+        """Runs under Slurm (a named executor), not as a child of this machine's supervisor."""
+        return self.executor != "local"
 
     @property
     def step(self) -> int | None:
@@ -136,7 +147,13 @@ class Job:
 
     def progress_text(self) -> str:
         """``running · step 12/30 (40%) · ETA 0:41`` - what a progress bar or a list shows."""
-        parts = [self.state + (f" (attempt {self.attempt})" if self.attempt > 1 else "")]
+        head = self.state
+        if self.is_remote and self.state == QUEUED:
+            # "queued on gpu-cluster (Slurm: Resources)": why the cluster has not started it yet
+            head = f"queued on {self.executor}" + (f" (Slurm: {self.remote_reason})" if self.remote_reason else "")
+        elif self.is_remote and self.state in ACTIVE:
+            head = f"{self.state} on {self.executor}"
+        parts = [head + (f" (attempt {self.attempt})" if self.attempt > 1 else "")]
         if self.step is not None:
             parts.append(f"step {self.step}/{self.total}" if self.total else f"step {self.step}")
         parts.append(f"{100 * self.progress:.0f}%")
@@ -153,6 +170,8 @@ class Job:
             "id": self.id, "kind": self.kind, "state": self.state, "attempt": self.attempt,
             "progress": round(self.progress, 4), "step": self.step, "total": self.total, "eta_s": self.eta_s,
             "pid": self.pid, "run": self.run, "error": self.error, "owner": self.owner,
+            "executor": self.executor, "remote_id": self.remote_id, "remote_folder": self.remote_folder,
+            "remote_reason": self.remote_reason,
             "uses_gpu": self.uses_gpu, "last_checkpoint": self.last_checkpoint, "log": self.log_path,
             "progress_info": self.progress_info, "result": self.result, "config": self.config,
             "stop_requested": self.stop_requested_at is not None,

@@ -4,6 +4,9 @@ the stop flag (so the training loop itself never waits on SQLite), and the one-s
 
 A job process that receives SIGTERM or SIGINT (Ctrl-C) sets the same flag a stop request does: training
 checkpoints at its next step boundary and the job ends ``stopped``. A second signal ends it at once.
+
+Every write goes through a :class:`~.channel.JobChannel`: the ledger for a job on this machine, atomic files
+in its attempt folder for a job on a Slurm node (:mod:`.remote`), which must not write SQLite.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 
 from ..errors import MedArtError
 from ..workspace import Workspace
+from .channel import JobChannel, LedgerChannel
 from .kinds import resolve_target
 from .ledger import JobLedger
 from .records import ACTIVE, DONE, FAILED, FINAL, STOPPED, Job
@@ -30,9 +34,15 @@ class JobContext:
     """What a kind's ``run_fn`` gets: the workspace, the job, and the calls to report progress and to learn
     that it should stop. Progress is buffered in memory and written by a background thread."""
 
-    def __init__(self, ledger: JobLedger, job: Job):
-        self.ledger = ledger
-        self.ws = ledger.ws
+    def __init__(self, ledger: JobLedger | JobChannel, job: Job, *, ws: Workspace | None = None):
+        if isinstance(ledger, JobChannel):           # a remote job: files, no ledger
+            self.ledger, self.channel = None, ledger
+            if ws is None:
+                raise TypeError("JobContext over a channel needs the workspace (ws=...)")
+            self.ws = ws
+        else:
+            self.ledger, self.channel = ledger, LedgerChannel(ledger, job.id, job.attempt)
+            self.ws = ledger.ws
         self.job = job
         self.attempt = job.attempt
         self.config = job.config
@@ -46,10 +56,14 @@ class JobContext:
         self.signal_name: str | None = None
         self._t0: float | None = None
         self._step0 = 0
+        # Set by the remote runner: this attempt started before (a Slurm requeue), so it continues too.
+        self.restarted = False
+        self.requeue_requested = False   # submitit's time-limit/preemption signal: checkpoint, no final record
 
     @property
     def resumed(self) -> bool:
-        return self.attempt > 1
+        """A later attempt, or the same attempt started again by Slurm: continue, do not start over."""
+        return self.attempt > 1 or self.restarted
 
     @property
     def run(self) -> str | None:
@@ -61,7 +75,7 @@ class JobContext:
     def should_stop(self) -> bool:
         """True once a stop was asked (DB flag, read every 0.5 s in the background), SIGTERM/SIGINT arrived, or
         another attempt took over the row. Cheap: no I/O."""
-        return self._stop_flag or self.signal_name is not None or self._lost
+        return self._stop_flag or self.signal_name is not None or self._lost or self.requeue_requested
 
     def progress(self, step: int | None = None, total: int | None = None, **info: Any) -> None:
         """Report progress; ``eta_s`` is derived from the pace since the first report of this attempt."""
@@ -90,7 +104,7 @@ class JobContext:
 
     def checkpoint(self, path: str | os.PathLike, step: int | None = None) -> None:
         """Record a checkpoint now (an event plus ``last_checkpoint``)."""
-        self.ledger.checkpoint(self.job.id, self.attempt, str(path), step)
+        self.channel.checkpoint(str(path), step)
 
     # ---- used by the runner ------------------------------------------------------------------------------
     @property
@@ -120,21 +134,20 @@ class _Pulse(threading.Thread):
 
     def run(self) -> None:
         ctx, last_beat = self.ctx, 0.0
-        led = JobLedger(ctx.ws)   # own connection in this thread
+        ch = ctx.channel.for_thread()   # own connection in this thread
         while not self.halt.wait(FLAG_POLL_S):
             try:
                 progress, info, dirty = ctx.snapshot()
                 now = time.monotonic()
                 if dirty or now - last_beat >= HEARTBEAT_S:
-                    ours, stop = led.beat(ctx.job.id, ctx.attempt, progress=progress if dirty else None,
-                                          info=info if dirty else None)
+                    ours, stop = ch.beat(progress if dirty else None, info if dirty else None)
                     last_beat = now
                 else:
-                    ours, stop = led.read_flags(ctx.job.id, ctx.attempt)
+                    ours, stop = ch.read_flags()
                 ctx.update_flags(ours, stop)
             except Exception as e:  # a busy DB must not kill the job; the next pulse retries
                 print(f"[jobs] heartbeat failed: {e}", file=sys.stderr, flush=True)
-        led.close()
+        ch.close()
 
 
 class JobFailed(MedArtError):
@@ -175,8 +188,11 @@ def run_job_process(ws: Workspace, job_id: str, attempt: int) -> int:
                   f"attempt {job.attempt}, {job.state}, pid {job.pid}); exiting.", file=sys.stderr, flush=True)
             return 3
         time.sleep(0.05)
-    ctx = JobContext(ledger, job)
+    return execute(JobContext(ledger, job))
 
+
+def install_stop_signals(ctx: JobContext) -> None:
+    """SIGTERM/SIGINT set the stop flag (checkpoint at the next safe point); a second one ends the process."""
     def on_signal(signum, frame):
         if ctx.signal_name is not None:          # second signal: stop now
             signal.signal(signum, signal.SIG_DFL)
@@ -188,6 +204,15 @@ def run_job_process(ws: Workspace, job_id: str, attempt: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def execute(ctx: JobContext, *, signals: bool = True) -> int:
+    """Run the kind's function under the pulse and write the final record through the context's channel
+    (none when a Slurm requeue interrupted it: the same attempt starts again). ``signals``: install the
+    stop handlers (only possible on the main thread)."""
+    job, job_id, attempt = ctx.job, ctx.job.id, ctx.attempt
+    if signals:
+        install_stop_signals(ctx)
     pulse = _Pulse(ctx)
     pulse.start()
     print(f"===== job {job_id} ({job.kind}) attempt {attempt}, pid {os.getpid()}, "
@@ -210,10 +235,14 @@ def run_job_process(ws: Workspace, job_id: str, attempt: int) -> int:
         pulse.halt.set()
         pulse.join(timeout=5)
     progress, info, _ = ctx.snapshot()
+    if ctx.requeue_requested and state != FAILED:
+        ctx.channel.beat(progress, info)
+        print(f"===== job {job_id} attempt {attempt}: checkpointed for a Slurm requeue =====", flush=True)
+        return 0
     if state == DONE:
         progress = 1.0
         info.pop("eta_s", None)
     info.pop("phase", None)
-    ledger.finish(job_id, attempt, state, error=error, result=result, progress=progress, info=info, detail=detail)
+    ctx.channel.finish(state, error=error, result=result, progress=progress, info=info, detail=detail)
     print(f"===== job {job_id} attempt {attempt}: {state}{': ' + error if error else ''} =====", flush=True)
     return 1 if state == FAILED else 0

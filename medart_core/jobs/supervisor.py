@@ -21,6 +21,7 @@ from ..workspace import Workspace
 from .ledger import JobLedger
 from .process import process_start_token, signal_group
 from .records import ACTIVE, QUEUED, STOPPING, Job, jobs_dir
+from .slurm_bridge import SlurmBridge
 from .records import now as _now
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +82,8 @@ class Supervisor:
         self.idle_exit_s = idle_exit_s
         self.say = log or (lambda m: print(f"{time.strftime('%H:%M:%S')} [supervisor] {m}", flush=True))
         self.children: dict[str, tuple[subprocess.Popen, int]] = {}
+        # Jobs of Slurm executors: submitted, stopped and polled by the same loop (no local slot for them).
+        self.remote = SlurmBridge(ws, self.ledger, self.say, stop_grace_s=self.stop_grace_s)
         self._halt = threading.Event()
         self._last_tick = time.monotonic()
 
@@ -152,6 +155,10 @@ class Supervisor:
             self.say(f"{job.id} -> {job.state}: {job.error or ''}")
         self._escalate()
         self._schedule()
+        try:
+            self.remote.tick()
+        except Exception as e:     # a Slurm hiccup must not take the local jobs' supervisor down
+            self.say(f"Slurm round failed: {type(e).__name__}: {e}")
         return bool(self.ledger.list(states=(QUEUED,) + ACTIVE, limit=1))
 
     def _reap(self) -> None:
@@ -169,7 +176,7 @@ class Supervisor:
     def _escalate(self) -> None:
         now = _now()
         for job in self.ledger.list(states=(STOPPING,)):
-            if job.stop_requested_at is None:
+            if job.stop_requested_at is None or job.is_remote:   # remote: the Slurm bridge escalates
                 continue
             if job.term_sent_at is None and now - job.stop_requested_at > self.stop_grace_s:
                 if signal_group(job.pid, job.pid_start, signal.SIGTERM):
@@ -182,10 +189,11 @@ class Supervisor:
                 self.ledger.signal_sent(job.id, job.attempt, signal.SIGKILL)
 
     def _schedule(self) -> None:
-        active = self.ledger.list(states=ACTIVE)
+        active = [j for j in self.ledger.list(states=ACTIVE) if not j.is_remote]
         gpu = sum(1 for j in active if j.uses_gpu)
         cpu = len(active) - gpu
-        queued = sorted(self.ledger.list(states=(QUEUED,)), key=lambda j: (j.queued_at, j.id))
+        queued = sorted((j for j in self.ledger.list(states=(QUEUED,)) if not j.is_remote),
+                        key=lambda j: (j.queued_at, j.id))
         gpu_head_blocked = False
         for job in queued:
             if job.uses_gpu:
