@@ -153,9 +153,25 @@ class GeneratedImage:
 # =========================================================================================================
 # Checkpoint references
 # =========================================================================================================
-def parse_checkpoint_ref(ref: str) -> tuple[str | None, int | None]:
-    """``"base"`` → (None, None); ``"RUN"`` → (RUN, None) i.e. its latest; ``"RUN@STEP"`` → (RUN, STEP)."""
+def split_weights(ref: str) -> tuple[str, str]:
+    """``"RUN@STEP:ema"`` → ("RUN@STEP", "ema"); no ``:`` suffix → (ref, "raw"). Suffixes: ``ema`` (the EMA
+    kept while training, ``--ema.decay``) and ``ema-SIGMA`` (a reconstructed post-hoc EMA, ``ema reconstruct``)."""
+    from .checkpoint import parse_weights
+
     ref = (ref or BASE).strip()
+    head, sep, weights = ref.partition(":")
+    if not sep:
+        return ref, "raw"
+    parse_weights(weights)
+    if head.strip() == BASE:
+        raise ConfigError(f"Checkpoint {ref!r}: the base model has no EMA weights; name a run, e.g. RUN@500:ema.")
+    return head.strip(), weights.strip()
+
+
+def parse_checkpoint_ref(ref: str) -> tuple[str | None, int | None]:
+    """``"base"`` → (None, None); ``"RUN"`` → (RUN, None) i.e. its latest; ``"RUN@STEP"`` → (RUN, STEP).
+    A ``:ema`` / ``:ema-SIGMA`` suffix (see :func:`split_weights`) is checked and not part of the result."""
+    ref, _weights = split_weights(ref)
     if ref == BASE:
         return None, None
     run, sep, step = ref.partition("@")
@@ -179,13 +195,16 @@ def list_checkpoint_refs(ws: Workspace) -> list[str]:
     refs = [BASE]
     if ws.runs_dir.is_dir():
         for run_dir in sorted(p for p in ws.runs_dir.iterdir() if p.is_dir()):
-            refs += [f"{run_dir.name}@{ck.checkpoint_step(p)}" for p in ck.list_checkpoints(run_dir)]
+            for p in ck.list_checkpoints(run_dir):
+                refs.append(f"{run_dir.name}@{ck.checkpoint_step(p)}")
+                if (p / ck.EMA_FILE).is_file():   # the raw weights stay the default, listed first
+                    refs.append(f"{run_dir.name}@{ck.checkpoint_step(p)}:ema")
     return refs
 
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    ref: str                          # "RUN@STEP"
+    ref: str                          # "RUN@STEP", or "RUN@STEP:ema" / "RUN@STEP:ema-SIGMA" for EMA weights
     path: Path
     adapters_path: Path
     sha256: str
@@ -193,6 +212,7 @@ class ResolvedCheckpoint:
     backbone: str                     # the backbone the run trained on
     resolution: int | None            # its training resolution (None: the backbone's own)
     parts: tuple[str, ...]            # "dit", "t5"
+    weights: str = "raw"              # "raw" | "ema" | "ema-SIGMA": which adapter weights adapters_path holds
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -213,6 +233,7 @@ def resolve_checkpoint(ws: Workspace, ref: str) -> ResolvedCheckpoint | None:
     run, step = parse_checkpoint_ref(ref)
     if run is None:
         return None
+    weights = split_weights(ref)[1]
     ck = _ckpt()
     if not ws.run_dir(run).is_dir():
         have = list_checkpoint_refs(ws)[1:]
@@ -223,15 +244,19 @@ def resolve_checkpoint(ws: Workspace, ref: str) -> ResolvedCheckpoint | None:
     adapters = path / ADAPTERS_FILE
     if not adapters.is_file():
         raise NotFoundError(f"Checkpoint {run}@{ck.checkpoint_step(path)} has no {ADAPTERS_FILE}.")
+    if weights != "raw":
+        adapters = ck.weights_file(path, weights)
     cfg = state.get("config") or {}
     from safetensors import safe_open
 
     with safe_open(str(adapters), framework="pt") as f:
         parts = tuple(sorted({k.partition("::")[0] for k in f.keys()}))
-    return ResolvedCheckpoint(ref=f"{run}@{ck.checkpoint_step(path)}", path=path, adapters_path=adapters,
+    suffix = "" if weights == "raw" else f":{weights}"
+    return ResolvedCheckpoint(ref=f"{run}@{ck.checkpoint_step(path)}{suffix}", path=path, adapters_path=adapters,
                               sha256=file_sha256(adapters), lora=dict(cfg.get("lora") or {}),
                               backbone=str(cfg.get("backbone") or ""),
-                              resolution=int(cfg["resolution"]) if cfg.get("resolution") else None, parts=parts)
+                              resolution=int(cfg["resolution"]) if cfg.get("resolution") else None, parts=parts,
+                              weights=weights)
 
 
 # =========================================================================================================
@@ -691,7 +716,8 @@ class Generator:
         return {
             "format": SIDECAR_FORMAT, "kind": SIDECAR_KIND, "negative": request.negative,
             "checkpoint": ck.ref if ck else BASE, "checkpoint_requested": request.checkpoint,
-            "adapters_sha256": ck.sha256 if ck else BASE, "lora": ck.lora if ck else None,
+            "adapters_sha256": ck.sha256 if ck else BASE, "weights": ck.weights if ck else BASE,
+            "lora": ck.lora if ck else None,
             "strength": request.strength if ck else 1.0, "backbone": self.spec, "backbone_label": bb.label,
             "is_random": bool(bb.is_random), "label": RANDOM_LABEL if bb.is_random else None,
             "resolution": int(resolution), "steps": request.steps, "guidance": request.guidance,

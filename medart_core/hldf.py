@@ -111,12 +111,17 @@ def is_pixel_step(step: int, cfg: HLDFConfig) -> bool:
 
 def latent_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                 prompt_mask: torch.Tensor, *, generator: torch.Generator | None,
-                scheduler_config: Any = None, trim_padding: bool = True) -> torch.Tensor:
+                scheduler_config: Any = None, trim_padding: bool = True, snr_gamma: float | None = None,
+                per_sample: bool = False) -> torch.Tensor:
     """ε-prediction MSE (PixArt's training loss) on scaled VAE latents.
 
     t ~ U{0..T-1} per sample, ``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε`` with the DDPM ᾱ of
     ``scheduler_config`` (default PixArt's linear 1e-4..0.02, T=1000); the loss is the MSE between ε and
     the first 4 output channels (the learned-variance channels are not trained, as in the paper).
+
+    ``snr_gamma``: min-SNR-γ weighting (``loss_weighting.min_snr_weights``): each sample's MSE times its
+    timestep's weight, then the batch mean. None (the default) is the plain MSE, computed exactly as before.
+    ``per_sample`` returns the unweighted MSE of each sample ([B]) instead of a scalar.
     """
     import torch
 
@@ -131,7 +136,14 @@ def latent_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Te
     a = acp.to(latents.device)[t].to(torch.float32).view(b, 1, 1, 1)
     noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
     pred = dit_eps(transformer, noisy, t, prompt_embeds, prompt_mask, trim_padding=trim_padding)
-    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+    if snr_gamma is None and not per_sample:
+        return torch.nn.functional.mse_loss(pred.float(), noise.float())
+    per = ((pred.float() - noise.float()) ** 2).flatten(1).mean(dim=1)
+    if per_sample:
+        return per
+    from .loss_weighting import min_snr_weights
+
+    return (per * min_snr_weights(t, acp, float(snr_gamma)).to(per.device)).mean()
 
 
 def color_moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +248,7 @@ def _batch_prompts(backbone: Any, batch: Mapping[str, Any], trim_padding: bool) 
 
 
 def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFConfig, *,
-                generator: torch.Generator | None, trim_padding: bool = True
+                generator: torch.Generator | None, trim_padding: bool = True, snr_gamma: float | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One HLDF training objective: ``L_latent`` plus ``w·L_color`` when :func:`is_pixel_step` (step is
     the 0-based optimiser step).
@@ -246,6 +258,7 @@ def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFCon
     ``prompt_embeds`` + ``prompt_mask``; ``pixel_values`` ([-1, 1]) are required on pixel steps. Optional
     ``neg_embeds`` + ``neg_mask`` reuse a cached negative prompt when T5 is frozen.
     ``trim_padding`` computes text work on the non-padding tokens only (same result, see ``pixart``).
+    ``snr_gamma`` weights the latent loss by min-SNR-γ (None: off); the colour loss is never weighted.
     Returns the loss tensor and float logs: loss, loss_latent, and on pixel steps loss_color, color_weight.
     """
     embeds, mask = _batch_prompts(backbone, batch, trim_padding)
@@ -253,7 +266,8 @@ def hybrid_loss(step: int, backbone: Any, batch: Mapping[str, Any], cfg: HLDFCon
     # Latents stay float32 (the noising is float32 maths); dit_eps casts the noisy input to the DiT's dtype.
     latents = _batch_latents(backbone, batch, generator).to(tr.device).float()
     l_lat = latent_loss(tr, latents, embeds.to(tr.dtype), mask, generator=generator,
-                        scheduler_config=backbone.scheduler.config, trim_padding=trim_padding)
+                        scheduler_config=backbone.scheduler.config, trim_padding=trim_padding,
+                        snr_gamma=snr_gamma)
     logs: dict[str, float] = {"loss_latent": float(l_lat.detach())}
     loss = l_lat
     if is_pixel_step(step, cfg):

@@ -13,6 +13,9 @@ Determinism is by construction rather than by hope:
 
 So a run killed at any point and resumed from its last checkpoint replays the very same arithmetic and ends
 with bitwise identical adapter weights (tests/test_resume.py kills a real subprocess with SIGKILL twice).
+The EMA of the adapters (``--ema.decay``) and the post-hoc EMA profiles (``--ema.posthoc``) are updated after
+each optimiser step on the main process only (every rank holds the same weights after the gradient
+all-reduce) and saved in every checkpoint, so they resume bitwise too (``Averages``).
 
 The run's state (step, epoch, position in the epoch) is a ``RunState`` passed explicitly to the functions
 that read or advance it. torch/diffusers/accelerate are imported inside functions: the CLI imports this
@@ -415,6 +418,69 @@ class Run:
     hooks: _Hooks
     provenance: dict[str, Any]
     hldf: Any = None                # cfg.hldf with ``checkpointing: auto`` resolved for this device
+    averages: "Averages | None" = None   # EMA / post-hoc EMA of the adapters (main process, when configured)
+
+
+class Averages:
+    """The run's EMA (``cfg.ema.decay``) and post-hoc EMA profiles (``cfg.ema.posthoc``) of the adapter weights,
+    with what a checkpoint stores of them: tensor groups ``ema`` (keyed like ``adapters``, so
+    ``RUN@STEP:ema`` loads it as adapters) and ``posthoc_ema``, and their counters in ``state.json``."""
+
+    def __init__(self, params: dict[str, Any], ema: Any, posthoc: Any):
+        self.params, self.ema, self.posthoc = params, ema, posthoc
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, backbone: Any, run_dir: Path) -> "Averages | None":
+        if not (cfg.ema.enabled or cfg.ema.posthoc):
+            return None
+        from .checkpoint import posthoc_dir
+        from .ema import EMA, PostHocEMA, adapter_parameters
+
+        params = adapter_parameters(backbone)
+        ema = EMA(params, cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+        posthoc = None
+        if cfg.ema.posthoc:
+            folder = posthoc_dir(run_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            posthoc = PostHocEMA(params, cfg.ema.sigma_rels, snapshot_every=cfg.ema.snapshot_every, folder=folder)
+        return cls(params, ema, posthoc)
+
+    def update(self, step: int) -> None:
+        """After the optimiser step with 0-based index ``step``."""
+        if self.ema is not None:
+            self.ema.update(self.params, step)
+        if self.posthoc is not None:
+            self.posthoc.update(self.params, step)
+
+    def to_checkpoint(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """(tensor groups, state.json entries); also snapshots the post-hoc profiles at this step, so every
+        checkpoint step can be reconstructed exactly."""
+        groups: dict[str, dict[str, Any]] = {}
+        meta: dict[str, Any] = {}
+        if self.ema is not None:
+            groups["ema"], meta["ema"] = self.ema.state_dict()
+        if self.posthoc is not None:
+            groups["posthoc_ema"], meta["posthoc_ema"] = self.posthoc.state_dict()
+            if self.posthoc.t > 0:
+                self.posthoc.snapshot()
+        return groups, meta
+
+    def restore(self, saved: dict[str, Any], tensors: dict[str, dict[str, Any]], step: int) -> None:
+        """Load the averages of a checkpoint at ``step``; post-hoc snapshots written after it (by a run killed
+        later) are removed: the resumed run writes them again, bit for bit."""
+        from .ema import list_snapshots
+
+        for name, avg in (("ema", self.ema), ("posthoc_ema", self.posthoc)):
+            if avg is None:
+                continue
+            if name not in tensors or name not in saved:
+                raise ConfigError(f"Checkpoint step {step} has no {name} state although the run's config keeps "
+                                  "one; it was written by another version: start a new run.")
+            avg.load_state_dict(tensors[name], saved[name])
+        if self.posthoc is not None:
+            for snap in list_snapshots(self.posthoc.folder):
+                if snap.step > step:
+                    snap.path.unlink(missing_ok=True)
 
 
 def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str | None = None,
@@ -467,10 +533,13 @@ def train(cfg: TrainConfig | None, ws: Workspace, store: Any, *, run_name: str |
         "optimizer": opt_name, "precision": env.precision, "precision_requested": cfg.precision,
         "precision_reason": env.precision_reason, "checkpointing": ckpt_choice.to_dict(), "world_size": env.world,
         "packages": package_versions(), "git_commit": git_commit(), "feature_cache": cache_report,
+        "ema": dataclasses.asdict(cfg.ema),
+        "snr_gamma": cfg.snr_gamma,
     }
     run = Run(cfg=cfg, env=env, name=run_name, layout=layout, backbone=backbone, params=params,
               optimizer=optimizer, data=data, validator=validator, metrics=MetricsLog(layout.metrics),
-              hooks=_Hooks(callbacks), provenance=provenance, hldf=run_hldf)
+              hooks=_Hooks(callbacks), provenance=provenance, hldf=run_hldf,
+              averages=Averages.create(cfg, backbone, layout.root) if env.main else None)
     state = start_or_resume(run, ck_path, fresh=resume is None)
     env.log(f"run {run_name}: {len(train_set)} images, {data.steps_per_epoch} steps/epoch, steps {state.step}->"
             f"{data.total_steps}, {backbone.resolution}px, {opt_name}, precision {env.precision}, {env.world} "
@@ -527,6 +596,8 @@ def start_or_resume(run: Run, ck_path: Path | None, *, fresh: bool) -> RunState:
         load_adapter_tensors(run.backbone, tensors["adapters"])
         optimizer_from_tensors(run.optimizer, tensors["optimizer"], saved["optimizer"])
         state.step, state.epoch, state.position = int(saved["step"]), int(saved["epoch"]), int(saved["position"])
+        if run.averages is not None:
+            run.averages.restore(saved, tensors, state.step)
         if int(saved.get("world_size", 1)) == env.world:
             rng_restore({k: v[env.rank] for k, v in tensors["rng"].items()})
         else:  # the data position is kept in images; RNG streams cannot be mapped to a new rank count
@@ -599,7 +670,7 @@ def optimizer_step(run: Run, state: RunState, order: list[int]) -> dict[str, Any
         batch = data.batch(positions, order, state.epoch, pixel, gen)
         with env.autocast():
             loss, mlogs = hldf.hybrid_loss(state.step, run.backbone, batch, run.hldf, generator=gen,
-                                           trim_padding=cfg.trim_text_padding)
+                                           trim_padding=cfg.trim_text_padding, snr_gamma=cfg.snr_gamma)
         if _all_ranks_any(env, not bool(torch.isfinite(loss.detach()).all())):
             keys = [data.train_set[order[i]].key for i in positions]
             raise diverged(run, state.step + 1, f"the loss is {float(loss.detach())} (batch images {keys})")
@@ -613,6 +684,8 @@ def optimizer_step(run: Run, state: RunState, order: list[int]) -> dict[str, Any
         raise diverged(run, state.step + 1, f"the gradient norm is {grad_norm}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.averages is not None:   # main process only: the weights are the same on every rank
+        run.averages.update(state.step)
     state.step, state.position = state.step + 1, state.position + 1
     dt = time.perf_counter() - t0
     state.step_time += dt
@@ -628,7 +701,12 @@ def optimizer_step(run: Run, state: RunState, order: list[int]) -> dict[str, Any
 
 def validate(run: Run, state: RunState) -> None:
     """The validation grid and loss at this step (main process), written to the metrics log."""
-    res = run.validator.run(state.step)
+    avg = run.averages
+    if run.cfg.ema.validate_with == "ema" and avg is not None and avg.ema is not None:
+        with avg.ema.swap_into(avg.params):   # the raw weights come back bit for bit afterwards
+            res = run.validator.run(state.step)
+    else:
+        res = run.validator.run(state.step)
     if res.problem is not None:
         raise diverged(run, state.step, res.problem)
     state.grids.append(res.grid)
@@ -655,9 +733,12 @@ def save_checkpoint(run: Run, state: RunState) -> Path | None:
                  "optimizer": opt_meta, "config": cfg.to_dict(), "provenance": run.provenance,
                  "writer_rank": env.rank, "writer_pid": os.getpid(),
                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        path = write_checkpoint(run.layout.root, state.step,
-                                {"adapters": adapter_tensors(run.backbone), "optimizer": opt_tensors, "rng": rng},
-                                saved, keep=cfg.keep_checkpoints)
+        groups = {"adapters": adapter_tensors(run.backbone), "optimizer": opt_tensors, "rng": rng}
+        if run.averages is not None:
+            avg_groups, avg_meta = run.averages.to_checkpoint()
+            groups.update(avg_groups)
+            saved.update(avg_meta)
+        path = write_checkpoint(run.layout.root, state.step, groups, saved, keep=cfg.keep_checkpoints)
     env.accelerator.wait_for_everyone()
     return path
 

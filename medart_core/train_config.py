@@ -1,8 +1,9 @@
-"""The training run as data: ``TrainConfig`` with typed nested ``LoRAConfig`` and ``HLDFConfig``, presets,
+"""The training run as data: ``TrainConfig`` with typed nested ``LoRAConfig``, ``HLDFConfig`` and ``EMAConfig``, presets,
 the resume rule, and command-line flags generated from the dataclass fields.
 
 Every field can be set from the command line without a JSON file: ``--lr 5e-5``, ``--max-steps 20``,
-``--lora.rank 4``, ``--hldf.pixel-every 50`` (``_`` and ``-`` are both accepted). Precedence: preset, then
+``--lora.rank 4``, ``--hldf.pixel-every 50``, ``--ema.decay 0.999`` (``_`` and ``-`` are both accepted; a boolean
+flag alone, e.g. ``--ema.posthoc``, means true). Precedence: preset, then
 ``--config FILE`` (partial JSON), then flags; nested sections merge field by field.
 """
 from __future__ import annotations
@@ -29,6 +30,54 @@ CAPTION_TEXTS = ("caption", "class", "empty")
 
 
 @dataclass
+class EMAConfig:
+    """EMA of the trainable adapter weights (issue 19 §1; ``medart_core/ema.py``). Off by default.
+
+    ``decay`` > 0 keeps a classic EMA (diffusers' warm-up with ``warmup``), stored in every checkpoint as
+    ``ema.safetensors`` and named by ``RUN@STEP:ema``. ``posthoc`` tracks EDM2's power-function profiles
+    ``sigma_rels`` and snapshots them into ``runs/RUN/ema/`` every ``snapshot_every`` steps (0: only at
+    checkpoints; a snapshot is also written at every checkpoint) for ``python -m medart_core ema reconstruct``.
+    ``validate_with`` chooses the weights of the validation grid and loss during training.
+    """
+
+    decay: float = 0.0                     # 0 = off; 0.999-0.9999 is usual
+    warmup: bool = True                    # decay_t = min(decay, (1 + t) / (10 + t))
+    posthoc: bool = False
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every: int = 0
+    validate_with: Literal["raw", "ema"] = "raw"
+
+    @property
+    def enabled(self) -> bool:
+        return float(self.decay) > 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EMAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown ema config keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**data)
+
+    def validate(self) -> None:
+        from .ema import sigma_rel_to_gamma
+
+        if not 0.0 <= float(self.decay) < 1.0:
+            raise ConfigError(f"ema.decay must be in [0, 1) (0 = off), got {self.decay}; 0.999-0.9999 is usual.")
+        if int(self.snapshot_every) < 0:
+            raise ConfigError(f"ema.snapshot_every must be >= 0 (0 = at checkpoints), got {self.snapshot_every}.")
+        if self.posthoc:
+            if not self.sigma_rels or len(set(map(float, self.sigma_rels))) != len(self.sigma_rels):
+                raise ConfigError(f"ema.sigma_rels must be distinct numbers, got {self.sigma_rels}.")
+            for s in self.sigma_rels:
+                sigma_rel_to_gamma(float(s))
+        if self.validate_with not in ("raw", "ema"):
+            raise ConfigError(f"ema.validate_with must be 'raw' or 'ema', got {self.validate_with!r}.")
+        if self.validate_with == "ema" and not self.enabled:
+            raise ConfigError("ema.validate_with 'ema' needs an EMA: set --ema.decay (e.g. 0.999).")
+
+
+@dataclass
 class TrainConfig:
     """One training run, as data. ``to_dict``/``from_dict`` round-trip through JSON exactly."""
 
@@ -40,6 +89,8 @@ class TrainConfig:
                                            # seed caption: the paper's "simple" captions) or "empty" ("")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     hldf: HLDFConfig = field(default_factory=HLDFConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    snr_gamma: float | None = None         # min-SNR-γ weighting of the latent loss (Hang et al. 2023); None = off
     lr: float = 1e-4                       # constant, as the paper
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -73,6 +124,9 @@ class TrainConfig:
             self.lora = LoRAConfig.from_dict(self.lora)
         if isinstance(self.hldf, dict):
             self.hldf = HLDFConfig.from_dict(self.hldf)
+        if isinstance(self.ema, dict):
+            self.ema = EMAConfig.from_dict(self.ema)
+        self.ema.sigma_rels = [float(x) for x in self.ema.sigma_rels]
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     # ---- JSON -------------------------------------------------------------------------------------------
@@ -136,12 +190,16 @@ class TrainConfig:
         if self.caption_text not in CAPTION_TEXTS:
             raise ConfigError(f"caption_text must be one of {', '.join(CAPTION_TEXTS)}, got {self.caption_text!r}.")
         self.hldf.validate()
+        self.ema.validate()
+        if self.snr_gamma is not None and not (float(self.snr_gamma) > 0 and math.isfinite(float(self.snr_gamma))):
+            raise ConfigError(f"snr_gamma must be a positive number (the paper uses 5) or none, got {self.snr_gamma}.")
         validate_name(self.dataset, "dataset name")
 
 
 # Fields a resumed run may change: they decide how long/how often, never what is computed at a step.
 RESUME_MUTABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every")
-SECTIONS = ("lora", "hldf")
+SECTIONS = ("lora", "hldf", "ema")
+SECTION_CLASSES: dict[str, type] = {"lora": LoRAConfig, "hldf": HLDFConfig, "ema": EMAConfig}
 
 
 def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -228,15 +286,21 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training config (any TrainConfig field; overrides the preset and --config)")
     for name, tp, _ in _fields_of(TrainConfig):
         if name in SECTIONS:
-            sub_cls = LoRAConfig if name == "lora" else HLDFConfig
-            for sub, stp, _f in _fields_of(sub_cls):
+            for sub, stp, _f in _fields_of(SECTION_CLASSES[name]):
                 fn, meta = _parser_for(stp)
                 flags = sorted({f"--{name}.{sub}", f"--{name}.{sub.replace('_', '-')}"})
-                g.add_argument(*flags, dest=f"cfg__{name}__{sub}", type=fn, default=argparse.SUPPRESS, metavar=meta)
+                g.add_argument(*flags, dest=f"cfg__{name}__{sub}", type=fn, default=argparse.SUPPRESS, metavar=meta,
+                               **_bool_const(stp))
             continue
         fn, meta = _parser_for(tp)
         flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=len)
-        g.add_argument(*flags, dest=f"cfg__{name}", type=fn, default=argparse.SUPPRESS, metavar=meta)
+        g.add_argument(*flags, dest=f"cfg__{name}", type=fn, default=argparse.SUPPRESS, metavar=meta,
+                       **_bool_const(tp))
+
+
+def _bool_const(tp: Any) -> dict[str, Any]:
+    """A boolean flag given alone means true (``--ema.posthoc``); ``--flag false`` still works."""
+    return {"nargs": "?", "const": True} if tp is bool else {}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from medart_core.errors import ConfigError
 from medart_core.hldf import HLDFConfig
 from medart_core.lora import LoRAConfig
 from medart_core.commands.train import add_train_arguments, config_from_args
-from medart_core.train_config import TrainConfig, merge_config
+from medart_core.train_config import SECTION_CLASSES, SECTIONS, TrainConfig, merge_config
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -24,11 +24,12 @@ def test_every_field_has_a_flag():
     add_train_arguments(p)
     flags = {s for a in p._actions for s in a.option_strings}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("lora", "hldf"):
+        if f.name in SECTIONS:
             continue
         assert f"--{f.name.replace('_', '-')}" in flags and f"--{f.name}" in flags
-    for section, cls in (("lora", LoRAConfig), ("hldf", HLDFConfig)):
-        for f in dataclasses.fields(cls):
+    assert set(SECTIONS) == {"lora", "hldf", "ema"}
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTION_CLASSES[section]):
             assert f"--{section}.{f.name}" in flags and f"--{section}.{f.name.replace('_', '-')}" in flags
 
 
