@@ -39,7 +39,8 @@ profile (also kept in the cell), so a cell's FD/KID compare with any evaluation 
 
 A row's figure is the mean over seeds with a 95 % t-interval over seeds (the twins' noise is the same for
 every seed, so the interval is the training seeds' spread); the effects the paper claims are tested with
-paired (same-seed) differences (:func:`effects`). The reference set is the fine-tuning set
+paired (same-seed) differences (:func:`effects`, decided by :mod:`medart_core.paired`: over seeds, or with one
+seed over the cells' seed-matched images). The reference set is the fine-tuning set
 itself (59 images is all there is): the scores measure fit to the target colours and features, not
 generalisation to new images.
 """
@@ -458,8 +459,17 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
         progress(len(cells), len(cells))
     results = [json.loads((out / "cells" / f"{cell_name(r.name, s)}.json").read_text(encoding="utf-8"))
                for r, s in cells]
+    from functools import lru_cache
+
+    from .evaluate import compare_paired
+
+    @lru_cache(maxsize=None)   # one paired comparison per pair of results, whichever metrics read it
+    def paired(worse: str, better: str) -> dict[str, Any]:
+        # At least 200 replicates: a verdict's percentile interval needs them, whatever the FD CI used.
+        return compare_paired(ws, worse, better, n_boot=max(200, preset.n_boot))
+
     table = make_table(preset, rows, results, absent=scoring.absent, threads=threads,
-                       wall_s=round(time.perf_counter() - t0, 1))
+                       wall_s=round(time.perf_counter() - t0, 1), paired=paired)
     atomic_write_text(out / "table.json", json.dumps(table, indent=1, sort_keys=True))
     atomic_write_text(out / "table.md", format_table(table))
     log(f"table: {out / 'table.md'}")
@@ -494,31 +504,78 @@ EFFECTS = (
 )
 
 
-def effects(by_cell: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], metrics: Sequence[str]
-            ) -> list[dict[str, Any]]:
-    """Each claim of :data:`EFFECTS` per metric: the paired (same-seed) difference worse − better with a 95 %
-    t-interval; "reproduced" when the interval lies above 0, "same direction, not significant" when only
-    the mean does, "not reproduced" otherwise."""
+# A paired comparison of two saved evaluation results (worse, better) -> ``evaluate.compare_paired``'s figures.
+PairedCompare = Callable[[str, str], dict[str, Any]]
+
+
+def _paired_key(metric: str) -> tuple[str, str] | None:
+    """(extractor whose result holds it, key in ``compare_paired``'s output) of a table metric."""
+    if metric == "color_gap":
+        return "domain", "color_gap"
+    kind, _, extractor = metric.partition("_")
+    return (extractor, kind) if kind in ("fd", "kid") and extractor else None
+
+
+def _image_paired(worse: dict[str, Any], better: dict[str, Any], metric: str,
+                  paired: PairedCompare | None) -> dict[str, Any] | None:
+    """The per-image paired comparison (worse − better) of one seed's two cells, when both recorded a result
+    of one profile for the metric's extractor; None otherwise (older cells, another profile)."""
+    from .errors import MedArtError
+
+    key = _paired_key(metric)
+    if paired is None or key is None:
+        return None
+    ids = [(c.get("evaluations") or {}).get(key[0]) for c in (worse, better)]
+    profiles = [(c.get("profiles") or {}).get(key[0]) for c in (worse, better)]
+    if not all(ids) or not all(profiles):
+        return None
+    try:
+        return paired(str(ids[0]), str(ids[1]))[key[1]]
+    except MedArtError:   # measured differently or no per-image features kept: fall back to the seeds
+        return None
+
+
+def effects(by_cell: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], metrics: Sequence[str],
+            *, paired: PairedCompare | None = None) -> list[dict[str, Any]]:
+    """Each claim of :data:`EFFECTS` per metric: the paired (same-seed) difference worse − better. Whether it
+    is significant is decided by the paired code of :mod:`medart_core.paired`: with two or more seeds the
+    seeds' paired t-interval (``paired_mean_test``); with one seed, where ``paired`` is given and both cells
+    share a profile, the per-image paired comparison of their seed-matched images (``compare_paired``: a
+    paired bootstrap for FD/KID, a paired t-interval for the colour gap). "reproduced" when the interval lies
+    above 0, "same direction, not significant" when only the mean does, "not reproduced" otherwise."""
+    from .paired import paired_mean_test
+
     out = []
     for label, better, worse in EFFECTS:
         for m in metrics:
-            diffs = [by_cell[(worse, s)][m] - by_cell[(better, s)][m] for s in seeds
+            pairs = [(by_cell[(worse, s)], by_cell[(better, s)]) for s in seeds
                      if (worse, s) in by_cell and (better, s) in by_cell and m in by_cell[(worse, s)]]
-            if not diffs:
+            if not pairs:
                 continue
-            d = mean_ci(diffs)
-            if d["ci"] is not None and d["ci"][0] > 0:
+            d = mean_ci([w[m] - b[m] for w, b in pairs])
+            test = paired_mean_test([w[m] for w, _ in pairs], [b[m] for _, b in pairs])
+            ci, basis = test["ci"], "seeds"
+            if ci is not None:
+                d = {**d, "ci": ci}   # the interval shown is the one that decides (scipy's exact t quantile)
+            if ci is None:
+                img = _image_paired(*pairs[0], m, paired)
+                if img is not None and img.get("ci") is not None:
+                    ci, basis = list(img["ci"]), "images"
+                    d = {**d, "ci": ci}
+            if ci is not None and ci[0] > 0:
                 verdict = "reproduced"
             elif d["mean"] > 0:
                 verdict = "same direction, not significant"
             else:
                 verdict = "not reproduced"
-            out.append({"effect": label, "metric": m, "better": better, "worse": worse, "diff": d, "verdict": verdict})
+            out.append({"effect": label, "metric": m, "better": better, "worse": worse, "diff": d, "verdict": verdict,
+                        "paired_over": basis})
     return out
 
 
 def make_table(preset: AblationPreset, rows: Sequence[AblationRow], results: Sequence[dict[str, Any]], *,
-               absent: dict[str, str], threads: int, wall_s: float) -> dict[str, Any]:
+               absent: dict[str, str], threads: int, wall_s: float,
+               paired: PairedCompare | None = None) -> dict[str, Any]:
     metrics = [m for m in results[0] if (m.startswith("fd_") and not m.endswith("_ci")) or
                (m.startswith("kid_") and not m.endswith(("_std", "_subset"))) or m == "color_gap"]
     by_cell = {(r["row"], r["seed"]): r for r in results}
@@ -536,7 +593,7 @@ def make_table(preset: AblationPreset, rows: Sequence[AblationRow], results: Seq
     return {"format": ABLATION_FORMAT, "preset": preset.to_dict(), "digest": preset.digest(),
             "dataset": {"name": DATASET, "classes": list(COLOUR_CLASSES), "transform": SHIFT_NAME,
                         "n_real": results[0]["n_real"], "n_generated_per_cell": results[0]["n_generated"]},
-            "metrics": metrics, "rows": table_rows, "effects": effects(by_cell, preset.seeds, metrics),
+            "metrics": metrics, "rows": table_rows, "effects": effects(by_cell, preset.seeds, metrics, paired=paired),
             "extractors_absent": absent, "threads": threads, "wall_s": wall_s, "cells": list(results)}
 
 

@@ -6,7 +6,8 @@ The flow of ``evaluate()``: ``build_eval_set`` (per class, real images and their
 fixed seed per prompt) → real features (cached by dataset, split, classes, pixel hashes, extractor and
 preprocessing) → for each checkpoint the evaluation images (generated once per (checkpoint, prompt, seed,
 sampler) and reused) → their features → ``metrics`` (FID/FD, KID, PRDC, overall and per class, bootstrap
-interval) → a result JSON under ``W/evaluations/``. Downstream utility (a classifier trained on real,
+interval) → a result JSON under ``W/evaluations/``, with its per-image features beside it (what
+:func:`compare_paired` resamples to compare two checkpoints paired). Downstream utility (a classifier trained on real,
 synthetic or both, tested on real) and a memorisation check complete the paper's measures.
 """
 from __future__ import annotations
@@ -449,10 +450,16 @@ class RealReference:
     extractor: Extractor
     features: "torch.Tensor"
     timings: dict[str, float] = field(default_factory=dict)
+    pixels: "torch.Tensor | None" = None   # uint8 real images at spec.size, loaded once (the colour gap)
 
     @property
     def plan(self) -> list[tuple[int, str, int]]:
         return self.eval_set.plan(self.spec)
+
+    def real_pixels(self) -> "torch.Tensor":
+        if self.pixels is None:
+            self.pixels = images_to_uint8(load_images([it.path for it in self.eval_set.items]), self.spec.size)
+        return self.pixels
 
 
 def prepare_reference(ws: Workspace, store: Any, spec: EvalSpec, *, extractor: Extractor | None = None
@@ -479,7 +486,8 @@ def evaluate_checkpoint(ws: Workspace, ref: RealReference, checkpoint: str, *, i
     paths = images_for(checkpoint, [p for _, p, _ in plan], [s for _, _, s in plan])
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fake = ref.extractor.features(images_to_uint8(load_images(paths), spec.size))
+    fake_u8 = images_to_uint8(load_images(paths), spec.size)
+    fake = ref.extractor.features(fake_u8)
     t_fake = time.perf_counter() - t0
     profile = make_profile(spec, ref.eval_set, ref.extractor, checkpoint=checkpoint,
                            checkpoint_sha256=checkpoint_sha256, backbone=backbone, precision=precision)
@@ -491,6 +499,7 @@ def evaluate_checkpoint(ws: Workspace, ref: RealReference, checkpoint: str, *, i
     res = EvalResult(id=rid, profile=profile, metrics=mets, images=[str(p) for p in paths], memorisation=mem,
                      timings={**ref.timings, "generation_s": round(t_gen, 3), "generated_features_s": round(t_fake, 3)})
     save_result(ws, res)
+    save_per_image(ws, res.id, ref, fake, fake_u8)
     if log is not None:
         o = mets["overall"]
         log(f"{checkpoint}: FD {o.get('fd', float('nan')):.4g}  KID {o.get('kid', float('nan')):.4g}")
@@ -525,6 +534,82 @@ def save_result(ws: Workspace, res: EvalResult) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(res.to_dict(), indent=1, sort_keys=True))
     return p
+
+
+def per_image_path(ws: Workspace, result_id: str) -> Path:
+    """The per-image data of a result (what a paired comparison resamples), beside its JSON."""
+    return evaluations_dir(ws) / f"{validate_name(result_id, 'evaluation id')}.per-image.safetensors"
+
+
+def save_per_image(ws: Workspace, result_id: str, ref: RealReference, fake: "torch.Tensor",
+                   fake_u8: "torch.Tensor") -> Path:
+    """Keep what :func:`compare_paired` needs (small: D floats and one colour gap per image): the generated
+    and real features, the real image of each generated one and each one's colour gap; written atomically."""
+    import torch
+    from safetensors.torch import save
+
+    from .paired import per_image_colour_gap
+
+    owner = [i for i, _, _ in ref.plan]
+    real_px = ref.real_pixels()[torch.as_tensor(owner, dtype=torch.int64)]
+    gap = per_image_colour_gap(fake_u8.float() / 127.5 - 1.0, real_px.float() / 127.5 - 1.0)
+    tensors = {"generated": fake.detach().to("cpu", torch.float64).contiguous(),
+               "real": ref.features.detach().to("cpu", torch.float64).contiguous(),
+               "owner": torch.as_tensor(owner, dtype=torch.int64), "color_gap": torch.tensor(gap, dtype=torch.float64)}
+    p = per_image_path(ws, result_id)
+    atomic_write_bytes(p, save(tensors))
+    return p
+
+
+def load_per_image(ws: Workspace, result_id: str) -> dict[str, "torch.Tensor"]:
+    from safetensors.torch import load_file
+
+    p = per_image_path(ws, result_id)
+    if not p.is_file():
+        raise ConfigError(f"Result {result_id} keeps no per-image features (it predates paired comparisons); "
+                          "re-run its evaluation (the images are reused) to compare it paired.")
+    try:
+        return load_file(str(p))
+    except Exception:  # noqa: BLE001 - a damaged file is reported, never trusted
+        raise ConfigError(f"The per-image features of result {result_id} are unreadable ({p.name}); re-run its "
+                          "evaluation.") from None
+
+
+def _result(ws: Workspace, res: "EvalResult | str") -> "EvalResult":
+    if isinstance(res, EvalResult):
+        return res
+    found = [r for r in load_results(ws) if r.id == str(res)]
+    if not found:
+        raise NotFoundError(f"No saved evaluation result {res!r} under {evaluations_dir(ws)}.")
+    return found[0]
+
+
+def compare_paired(ws: Workspace, result_a: "EvalResult | str", result_b: "EvalResult | str", *,
+                   n_boot: int = 200, seed: int | None = None) -> dict[str, Any]:
+    """Paired comparison of two saved results of one profile (so image j of A and of B share a prompt, a seed
+    and a real twin): FD and KID differences A − B by a paired bootstrap, the per-image colour gap by a
+    paired t interval, each with its verdict (``paired.verdict``). ``seed`` defaults to the profile's."""
+    import torch
+
+    from . import paired as P
+
+    a, b = _result(ws, result_a), _result(ws, result_b)
+    diff = profile_mismatch(a.profile, b.profile)
+    if diff:
+        raise ConfigError(f"{b.profile.get('checkpoint')} was measured differently from {a.profile.get('checkpoint')} "
+                          f"({'; '.join(diff[:3])}{'; …' if len(diff) > 3 else ''}): a paired comparison needs one "
+                          "profile (the same eval set and seeds); re-evaluate both with one profile.")
+    da, db = load_per_image(ws, a.id), load_per_image(ws, b.id)
+    if not (torch.equal(da["owner"], db["owner"]) and torch.equal(da["real"], db["real"])):
+        raise ConfigError(f"{a.id} and {b.id} were not scored against the same real images in the same order; "
+                          "re-evaluate both with one profile.")
+    boot_seed = int(spec_from_profile(a.profile).seed if seed is None else seed)
+    out = P.paired_bootstrap(da["real"], da["generated"], db["generated"], da["owner"].tolist(), n_boot=n_boot,
+                             seed=boot_seed)
+    out["color_gap"] = P.paired_mean_test(da["color_gap"].tolist(), db["color_gap"].tolist())
+    out.update(a=str(a.profile.get("checkpoint")), b=str(b.profile.get("checkpoint")), result_a=a.id,
+               result_b=b.id)
+    return out
 
 
 def load_results(ws: Workspace) -> list[EvalResult]:

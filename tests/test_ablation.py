@@ -108,6 +108,35 @@ def test_mean_ci_and_paired_verdicts():
     assert "LoRA beats DoRA" not in ef                                         # no DoRA cells
 
 
+def test_single_seed_verdicts_use_the_per_image_paired_comparison():
+    """With one seed there is no interval over seeds: cells that recorded results of one profile are decided
+    by the per-image paired comparison (``evaluate.compare_paired``, passed in); others keep the old rule."""
+    cells = {("lora", 0): {"color_gap": 1.0, "fd_domain": 9.0, "evaluations": {"domain": "ev-lora"},
+                           "profiles": {"domain": {"p": 1}}},
+             ("hldf", 0): {"color_gap": 0.5, "fd_domain": 8.0, "evaluations": {"domain": "ev-hldf"},
+                           "profiles": {"domain": {"p": 1}}},
+             ("hldf-no-t5", 0): {"color_gap": 0.6, "fd_domain": 8.5}}      # an older cell: no results recorded
+    calls = []
+
+    def paired(worse, better):
+        calls.append((worse, better))
+        return {"color_gap": {"diff": 0.5, "ci": [0.3, 0.7]}, "fd": {"diff": 1.0, "ci": [-0.5, 2.5]}}
+
+    ef = {(e["effect"], e["metric"]): e for e in A.effects(cells, [0], ["color_gap", "fd_domain"], paired=paired)}
+    assert calls and set(calls) == {("ev-lora", "ev-hldf")}
+    gap = ef[("HLDF beats plain LoRA", "color_gap")]
+    assert gap["verdict"] == "reproduced" and gap["paired_over"] == "images" and gap["diff"]["ci"] == [0.3, 0.7]
+    assert gap["diff"]["mean"] == pytest.approx(0.5)                          # the cells' own difference
+    fd = ef[("HLDF beats plain LoRA", "fd_domain")]
+    assert fd["verdict"] == "same direction, not significant"                 # the paired interval holds 0
+    t5 = ef[("T5 LoRA helps", "color_gap")]
+    assert t5["paired_over"] == "seeds" and t5["diff"]["ci"] is None
+    assert t5["verdict"] == "same direction, not significant"
+    # Without the paired comparison, one seed never decides "reproduced".
+    plain = {(e["effect"], e["metric"]): e for e in A.effects(cells, [0], ["color_gap"])}
+    assert plain[("HLDF beats plain LoRA", "color_gap")]["verdict"] == "same direction, not significant"
+
+
 def test_presets_are_validated():
     with pytest.raises(ConfigError, match="Unknown ablation rows"):
         A.get_preset("smoke", rows=("hldf", "nonsense"))
