@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,19 @@ from .workspace import Workspace
 
 
 def export_from_backbone(backbone: Any, out_dir: Path, *, cfg: TrainConfig, provenance: dict[str, Any], step: int,
-                         merged: bool = True) -> dict[str, str]:
+                         merged: bool = True, ws: Workspace | None = None,
+                         evaluations: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
     """``out_dir/adapters`` (PEFT folders per model) and, with ``merged``, ``out_dir/merged`` (diffusers
-    pipeline with LoRA merged), each with a README.md model card. Written next to the target and renamed."""
-    from .lora import export_merged, model_card, save_adapters
+    pipeline with LoRA merged), each with the Hugging Face model card README.md (also in ``out_dir``; with
+    ``ws``, the data summary counts the store's classes). Written next to the target and renamed."""
+    from .lora import export_merged, save_adapters
+    from .model_card import build_model_card, data_summary
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = model_card(base_model=cfg.backbone, lora=cfg.lora, hldf=cfg.hldf, dataset=cfg.dataset,
-                      provenance=provenance, steps=step, is_random=bool(backbone.is_random))
+    card = build_model_card(cfg=cfg, provenance=provenance, step=step, is_random=bool(backbone.is_random),
+                            weights=str(provenance.get("weights", "raw")),
+                            data=data_summary(ws, cfg.dataset, provenance), evaluations=evaluations)
     done: dict[str, str] = {}
     parts = [("adapters", lambda d: save_adapters(backbone, d))]
     if merged:
@@ -42,19 +47,27 @@ def export_from_backbone(backbone: Any, out_dir: Path, *, cfg: TrainConfig, prov
 
 
 def export_model(ws: Workspace, run: str, out_dir: str | os.PathLike, *, step: int | None = None,
-                 merged: bool = True) -> dict[str, str]:
-    """Export any checkpoint of a run (the latest by default): adapters + merged pipeline + model card."""
+                 merged: bool = True, weights: str = "raw") -> dict[str, str]:
+    """Export any checkpoint of a run (the latest by default): adapters + merged pipeline + model card.
+    ``weights``: "raw" (default), "ema" or "ema-SIGMA" (as the ``RUN@STEP:WEIGHTS`` reference suffix)."""
+    from safetensors.torch import load_file
+
     from .backbone import load_backbone
-    from .checkpoint import find_checkpoint, load_adapter_tensors, read_checkpoint
+    from .checkpoint import find_checkpoint, load_adapter_tensors, read_checkpoint, weights_file
+    from .generate import file_sha256
     from .lora import attach_lora
+    from .model_card import checkpoint_evaluations
 
     ck = find_checkpoint(ws, run, step)
     state, tensors = read_checkpoint(ck)
+    if weights != "raw":
+        tensors["adapters"] = load_file(str(weights_file(ck, weights)))
+    evaluations = checkpoint_evaluations(ws, file_sha256(weights_file(ck, weights)))
     cfg = TrainConfig.from_dict(state["config"])
     backbone = load_backbone(cfg.backbone)
     backbone.resolution = int(cfg.resolution or backbone.resolution)
     attach_lora(backbone, cfg.lora)
     load_adapter_tensors(backbone, tensors["adapters"])
-    prov = dict(state.get("provenance", {}), checkpoint=f"{run}/{ck.name}")
+    prov = dict(state.get("provenance", {}), checkpoint=f"{run}/{ck.name}", weights=weights)
     return export_from_backbone(backbone, Path(out_dir), cfg=cfg, provenance=prov, step=int(state["step"]),
-                                merged=merged)
+                                merged=merged, ws=ws, evaluations=evaluations)

@@ -14,7 +14,6 @@ Folder layouts written here:
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from .errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from .hldf import HLDFConfig
 
 # The paper's target lists (PixArt's LoRA recipe). Not every name exists in every model: PixArt-α has no
 # proj_in, and T5 v1.1 (gated-GELU) splits ``wi`` into ``wi_0``/``wi_1``; see :func:`resolve_targets`.
@@ -285,7 +282,7 @@ def export_merged(backbone: Any, folder: str | Path, *, card: str | None = None)
     """Write a full diffusers pipeline folder with LoRA merged into the DiT (and T5 when it has LoRA).
 
     The live backbone is not modified (merging happens on copies, so peak memory is about one extra
-    copy of the LoRA'd models). ``card`` (e.g. from :func:`model_card`) is written as README.md.
+    copy of the LoRA'd models). ``card`` (``model_card.build_model_card``'s) is written as README.md.
     """
     from dataclasses import replace
 
@@ -302,40 +299,3 @@ def export_merged(backbone: Any, folder: str | Path, *, card: str | None = None)
     return folder
 
 
-def model_card(*, base_model: str, lora: LoRAConfig, hldf: HLDFConfig | Mapping[str, Any] | None = None,
-               dataset: str | None = None,
-               provenance: Mapping[str, Any] | None = None, steps: int | None = None,
-               metrics: Mapping[str, Any] | None = None, is_random: bool = False) -> str:
-    """Markdown model card: base model, LoRA/HLDF config, data provenance, metrics, intended use.
-
-    ``provenance`` is whatever the caller knows about the training data (dataset name, image count,
-    caption source and review status, licences); it is written verbatim as JSON.
-    """
-    lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", f"base_model: {base_model}",
-             "tags: [pixart-alpha, lora, med-art, hldf, research]", "---", "",
-             f"# Med-Art LoRA fine-tune of {base_model}", ""]
-    if is_random:
-        lines += [("> **Random-weight demo backbone.** This model was trained on top of randomly initialised "
-                   "weights for testing; its images are noise and carry no meaning."), ""]
-    lines += ["## Intended use", "",
-              ("Research on text-to-image generation of medical images (data augmentation studies, method "
-               "comparison). **Not for diagnosis, treatment or any clinical decision**, and not to be presented "
-               "as real patient data. Generated images may contain plausible-looking but false findings."), "",
-              "## Training", ""]
-    if dataset:
-        lines.append(f"- Dataset: `{dataset}`")
-    if steps is not None:
-        lines.append(f"- Optimiser steps: {steps}")
-    lines += ["- LoRA config:", "", "```json", lora.to_json(), "```", ""]
-    if hldf is not None:
-        hjson = json.dumps(dict(hldf), indent=2, sort_keys=True) if isinstance(hldf, Mapping) else hldf.to_json()
-        lines += ["- HLDF config (Med-Art hybrid-level fine-tuning):", "", "```json", hjson, "```", ""]
-    lines += ["## Data provenance", "", "```json",
-              json.dumps(dict(provenance or {}), indent=2, sort_keys=True, default=str), "```", ""]
-    if metrics:
-        lines += ["## Evaluation", "", "```json", json.dumps(dict(metrics), indent=2, sort_keys=True, default=str),
-                  "```", ""]
-    lines += ["## Method", "", ("Med-Art: PixArt-α with LoRA on the DiT and T5, fine-tuned with Hybrid-Level "
-                                "Diffusion Fine-tuning (latent ε-loss plus a pixel-level colour-moment loss); "
-                                "arXiv 2506.20449."), ""]
-    return "\n".join(lines)

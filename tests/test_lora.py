@@ -149,9 +149,7 @@ def test_export_merged_loads_in_stock_pipeline_and_matches_lora(tmp_path):
 
     a = L.attach_lora(_bb())
     _randomise_lora(a, seed=2)
-    card = L.model_card(base_model="tiny", lora=L.LoRAConfig(), dataset="sample",
-                        provenance={"images": 200, "captions": "approved"}, is_random=True)
-    folder = L.export_merged(a, tmp_path / "merged", card=card)
+    folder = L.export_merged(a, tmp_path / "merged", card="# a card\n")
     assert (folder / "model_index.json").is_file() and (folder / "README.md").is_file()
     assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pkl", ".pth"}]
     pipe = PixArtAlphaPipeline.from_pretrained(str(folder), local_files_only=True)
@@ -169,13 +167,3 @@ def test_export_merged_loads_in_stock_pipeline_and_matches_lora(tmp_path):
     assert (base_img - lora_img).abs().max() > 1e-3  # the LoRA really changes the image
     # the live backbone keeps its adapters (export works on copies)
     assert any("lora_" in n for n, _ in a.transformer.named_parameters())
-
-
-def test_model_card_says_research_not_diagnosis():
-    from medart_core.hldf import HLDFConfig
-
-    card = L.model_card(base_model="PixArt-alpha/PixArt-XL-2-512x512", lora=L.LoRAConfig(), hldf=HLDFConfig(),
-                        dataset="kvasir", provenance={"source": "Kvasir v2", "licence": "research"}, steps=100,
-                        metrics={"fid": 51.99})
-    assert "Not for diagnosis" in card and "Kvasir v2" in card and '"pixel_every": 500' in card
-    assert "51.99" in card and "Random-weight" not in card

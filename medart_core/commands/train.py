@@ -89,8 +89,15 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
     from ..export import export_model
     from ..workspace import Workspace
 
+    from ..model_card import upload_commands
+
     ws = Workspace.open(args.workspace)
-    print(json.dumps(export_model(ws, args.run, args.out, step=args.step, merged=not args.adapters_only)))
+    print(json.dumps(export_model(ws, args.run, args.out, step=args.step, merged=not args.adapters_only,
+                                  weights=args.weights)))
+    # Publishing is the user's decision (and needs their token): print the command, never run it.
+    cmds = upload_commands(Path(args.out), args.run)
+    print(f"Model card: {Path(args.out) / 'README.md'}. To publish it on the Hugging Face Hub:\n  {cmds[0]}\n"
+          f"  (newer huggingface_hub: {cmds[1]})")
     return 0
 
 
@@ -105,4 +112,6 @@ def export_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--adapters-only", action="store_true", help="skip the merged pipeline (a full model copy)")
+    p.add_argument("--weights", default="raw", metavar="raw|ema|ema-S",
+                   help="which adapters: the raw trained ones (default), the EMA, or a post-hoc EMA of sigma_rel S")
     p.set_defaults(func=_cmd_export_model)
