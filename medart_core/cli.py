@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable, NamedTuple, Sequence
 
-from .commands import ablation, caption, data, demo, evaluate, generate, jobs, train, users
+from .commands import ablation, caption, data, demo, ema, evaluate, executors, generate, jobs, privacy, train, users
 from .errors import MedArtError
 
 
@@ -34,9 +34,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("export-model", train.export_model, "export a run's checkpoint: PEFT adapters + merged pipeline"),
     Command("worker", jobs.worker, "run the job supervisor in the foreground (owns the accelerator)"),
     Command("jobs", jobs.jobs, "submit, list, show, stop, resume jobs and read their logs"),
+    Command("executors", executors.executors, "named executors, where jobs run: add (Slurm), list, remove, check"),
     Command("generate", generate.generate, "generate images from the base model or a run's checkpoint"),
     Command("regenerate", generate.regenerate, "reproduce a generated image from its JSON sidecar"),
     Command("evaluate", evaluate.evaluate, "FD/KID/PRDC of checkpoints under one recorded protocol"),
+    Command("ema", ema.ema, "post-hoc EMA: reconstruct any EMA length of a run, or sweep lengths by FD"),
+    Command("privacy", privacy.privacy, "privacy gauge: copy rate (calibrated threshold) and membership-attack AUC"),
     Command("review-results", evaluate.review_results, "print the comparison and blind-review tables"),
     Command("users", users.users, "who may sign in to the studio, and with which role"),
     Command("demo-backbone", demo.demo_backbone, "the embedded demo backbone trained on the sample images"),

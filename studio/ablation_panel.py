@@ -1,6 +1,7 @@
 """The Compare tab's "Ablation" panel: the paper's ablation in miniature (``medart_core.ablation``), run as an
-``ablation`` job and read back from the workspace — the table with its verdicts and each cell's sample strip
-(real images above generated ones). The library does the work; this module only lays it out.
+``ablation`` job (on the "Run on" executor) and read back from the workspace — the table with its verdicts and
+each cell's sample strip (real images above generated ones). The library does the work; this module only lays
+it out.
 """
 # No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation.
 from typing import Any
@@ -10,10 +11,12 @@ import gradio as gr
 from medart_core import ablation as A
 from medart_core.constants import DEMO_LABEL
 from medart_core.errors import ConfigError
+from medart_core.executors import LOCAL
 from medart_core.jobs import Job
 
 from .context import StudioContext
 from .errors import user_errors
+from .executors_panel import chosen_executor, run_on_dropdown, run_on_update
 from .job_panel import JobPanel, only
 from .render import esc
 
@@ -53,10 +56,11 @@ def show_ablation(ctx: StudioContext, name: str | None) -> tuple[str, Any, list[
     return md, A.overview_image(info["strips"]), items
 
 
-def submit_ablation(ctx: StudioContext, owner: str | None, preset: str | None) -> Job:
+def submit_ablation(ctx: StudioContext, owner: str | None, preset: str | None, executor: str = LOCAL) -> Job:
+    """Queue an ``ablation`` job of ``preset`` to run on ``executor``."""
     if preset not in A.PRESETS:
         raise ConfigError(f"Choose a preset: {', '.join(sorted(A.PRESETS))}.")
-    return ctx.executor.submit("ablation", {"preset": preset}, owner=owner)
+    return ctx.executor.submit("ablation", {"preset": preset}, owner=owner, executor=executor)
 
 
 def job_text(ctx: StudioContext, job_id: str | None) -> tuple[str, bool]:
@@ -88,6 +92,7 @@ def render_ablation_panel(panel: JobPanel) -> dict[str, Any]:
                                  columns=4, object_fit="contain")
     with gr.Row():
         c["preset"] = gr.Dropdown(PRESET_CHOICES, value="mini", label="Preset", scale=3)
+        c["run_on"] = run_on_dropdown("ablation-run-on", scale=2)
         c["run"] = gr.Button("Run as a job", variant="primary", scale=1)
     panel.render(show_job=False)
     c["job"], c["status"], c["timer"] = panel.job, panel.status, panel.timer
@@ -113,11 +118,15 @@ def listen_ablation_panel(ctx: StudioContext, c: dict[str, Any], panel: JobPanel
     run_out = [c["job"], c["status"], c["timer"]]
 
     @user_errors
-    def on_run(request: gr.Request, preset):
-        job = submit_ablation(ctx, ctx.reviewer_for(request, None), preset)
+    def on_run(request: gr.Request, preset, where=LOCAL):
+        job = submit_ablation(ctx, ctx.reviewer_for(request, None), preset, chosen_executor(ctx, request, where))
         return only(panel.updates(panel.view(job)), run_out)
 
-    c["run"].click(on_run, c["preset"], run_out, api_name="ablation_run", concurrency_limit=2)
+    c["run"].click(on_run, [c["preset"], c["run_on"]], run_out, api_name="ablation_run", concurrency_limit=2)
+    root = gr.context.Context.root_block
+    if root is not None:   # the executors with the page, never at build time (nor in /config)
+        root.load(user_errors(lambda cur: run_on_update(ctx, cur)), c["run_on"], c["run_on"],
+                  api_name="ablation_executors", show_progress="hidden")
 
     def on_tick(job_id, cur) -> dict[Any, Any]:
         v = panel.view(job_id)

@@ -487,7 +487,8 @@ def users_rows(access: Access) -> list[list[str]]:
 
 def build_users_tab(ctx: Any) -> None:
     """List users, add one (with a password, or none for Hugging Face sign-in on a Space), change a role,
-    set a password, remove one. Every handler needs admin (the tab's role in ``studio.app.TABS``)."""
+    set a password, remove one; then the Executors section (``studio.executors_panel``). Every handler needs
+    admin (the tab's role in ``studio.app.TABS``)."""
     import gradio as gr
 
     from .errors import user_errors
@@ -573,3 +574,7 @@ def build_users_tab(ctx: Any) -> None:
     role_b.click(on_role, [name, role], [table, notice], api_name="users_set_role")
     pw_b.click(on_password, [name, password], [table, notice, password], api_name="users_set_password")
     rm_b.click(on_remove, name, [table, notice], api_name="users_remove")
+
+    from .executors_panel import build_executors_panel
+
+    build_executors_panel(ctx)       # admin too: adding or removing where jobs run (the tab's role guards it)

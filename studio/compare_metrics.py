@@ -1,8 +1,10 @@
 """The Compare tab's Metrics panel: FD/KID/PRDC of checkpoints under one recorded protocol. "Run evaluation"
-submits an ``evaluate`` job through the workspace's Executor (the shared ``studio.job_panel.JobPanel`` follows
-it: one job row per tick) or "Load results" reads ``W/evaluations/``. The table marks the best value of a
+submits an ``evaluate`` job through the workspace's Executor, to run on the "Run on" executor (the shared
+``studio.job_panel.JobPanel`` follows it: one job row per tick) or "Load results" reads ``W/evaluations/``. The table marks the best value of a
 column only when it lies outside every other comparable row's interval (``evaluate.comparison_table``);
-results measured with another profile are greyed out with the reason and never ranked. Rows are in checkpoint
+results measured with another profile are greyed out with the reason and never ranked. Under the table, each
+comparable row is compared paired with the first (``evaluate.compare_paired``): "A better than B" only where the
+paired interval excludes 0, "not separated" otherwise. Rows are in checkpoint
 order, never sorted by a metric.
 
 The form (``FORM_FIELDS``) travels as one dict by field name (``form_values`` zips it, in one place).
@@ -20,11 +22,13 @@ import pandas as pd
 from medart_core import evaluate as E
 from medart_core.constants import RANDOM_LABEL
 from medart_core.errors import ConfigError, NotFoundError
+from medart_core.executors import LOCAL
 from medart_core.generate import list_checkpoint_refs
 from medart_core.jobs import DONE, Job
 
 from .context import StudioContext
 from .errors import user_errors
+from .executors_panel import chosen_executor, run_on_dropdown, run_on_update
 from .job_panel import JobPanel, only
 from .render import esc
 
@@ -82,16 +86,16 @@ def make_spec(form: Mapping[str, Any]) -> E.EvalSpec:
 
 
 def submit_evaluation(ctx: StudioContext, owner: str | None, checkpoints: Sequence[str] | None,
-                      form: Mapping[str, Any]) -> Job:
-    """Queue an ``evaluate`` job through the Executor (which starts the supervisor if none runs). The
-    generator's backbone is the first run's training backbone; for base alone, the studio's."""
+                      form: Mapping[str, Any], executor: str = LOCAL) -> Job:
+    """Queue an ``evaluate`` job through the Executor (which starts the supervisor if none runs) to run on
+    ``executor``. The generator's backbone is the first run's training backbone; for base alone, the studio's."""
     refs = [str(c) for c in (checkpoints or []) if c]
     if not refs:
         raise ConfigError("Pick at least one checkpoint to evaluate (base, or a run's step).")
     spec = make_spec(form)
     backbone = None if any(r != "base" for r in refs) else ctx.backbone_spec
     return ctx.executor.submit("evaluate", {"spec": dataclasses.asdict(spec), "checkpoints": refs,
-                                            "backbone": backbone}, owner=owner)
+                                            "backbone": backbone}, owner=owner, executor=executor)
 
 
 def result_ids(job: Job | None) -> list[str] | None:
@@ -171,6 +175,50 @@ def random_labels(profile: dict[str, Any]) -> list[str]:
     if profile.get("random_weights"):
         out.append(f"random-weight {profile.get('extractor')} extractor — numbers are a smoke test")
     return out
+
+
+def paired_figures(ctx: StudioContext, table: dict[str, Any], results: dict[str, E.EvalResult]
+                   ) -> list[dict[str, Any]]:
+    """Each comparable row against the first comparable one (the base, in checkpoint order), paired
+    (``evaluate.compare_paired``); a pair that cannot be paired carries the reason instead."""
+    comp = [r for r in table["rows"] if r["comparable"]]
+    out = []
+    for r in comp[1:]:
+        try:
+            out.append(E.compare_paired(ctx.ws, results[r["id"]], results[comp[0]["id"]]))
+        except (ConfigError, NotFoundError) as e:
+            out.append({"a": r["checkpoint"], "b": comp[0]["checkpoint"], "result_a": r["id"],
+                        "result_b": comp[0]["id"], "error": str(e)})
+    return out
+
+
+def paired_html(pairs: Sequence[dict[str, Any]]) -> str:
+    """One line per pair under the table: "A better than B" only where the paired 95 % interval of the
+    difference excludes 0, "not separated" otherwise."""
+    from medart_core.paired import describe
+
+    if not pairs:
+        return ""
+    out = ["<div class='cmp-paired' id='cmp-paired'><p class='cmp-legend'>Paired against the first row (same "
+           "real images, seed-matched generated images; A − B with a 95 % interval: paired bootstrap for FD and "
+           "KID, paired t for the per-image colour gap):</p><ul>"]
+    for p in pairs:
+        head = f"{esc(p['a'])} vs {esc(p['b'])}"
+        if "error" in p:
+            out.append(f"<li class='cmp-paired-row' data-result='{esc(p['result_a'])}'>{head}: not paired — "
+                       f"{esc(p['error'])}</li>")
+            continue
+        parts = []
+        for key, label in (("fd", "FD"), ("kid", "KID"), ("color_gap", "colour gap")):
+            f = p.get(key)
+            if not f:
+                continue
+            ci = f" [{_num(f['ci'][0])}, {_num(f['ci'][1])}]" if f.get("ci") else ""
+            parts.append(f"{label} Δ {_num(f['diff'])}{ci}: <b>{esc(describe(f['verdict'], p['a'], p['b']))}</b>")
+        out.append(f"<li class='cmp-paired-row' data-result='{esc(p['result_a'])}'>{head} (N={p['n_real']}): "
+                   + "; ".join(parts) + "</li>")
+    out.append("</ul></div>")
+    return "".join(out)
 
 
 def table_html(table: dict[str, Any], results: dict[str, E.EvalResult]) -> str:
@@ -268,7 +316,10 @@ def compare_view(ctx: StudioContext, ids: Sequence[str] | None, metric: str = "f
     results, ref = _ordered(results_by_ids(ctx, ids))
     table = E.comparison_table(results, reference=ref) if results else {"rows": [], "best": {}, "reference": None}
     by_id = {r.id: r for r in results}
-    return {"table_html": table_html(table, by_id), "table": table, "warnings": warnings_html(results, ref),
+    # The paired verdicts live under the table (its columns and the ★ rule unchanged).
+    table["paired"] = paired_figures(ctx, table, by_id) if results else []
+    return {"table_html": table_html(table, by_id) + paired_html(table["paired"]), "table": table,
+            "warnings": warnings_html(results, ref),
             "line": metric_by_step(table, metric), "bar": per_class_frame(results, table, metric),
             "metric_label": METRIC_LABEL[metric]}
 
@@ -313,6 +364,7 @@ def render_metrics(c: dict[str, Any], panel: JobPanel) -> None:
 
 def _render_job(c: dict[str, Any], panel: JobPanel) -> None:
     with gr.Row():
+        c["run_on"] = run_on_dropdown("cmp-run-on", scale=1)
         c["run"] = gr.Button("Run evaluation (as a job)", variant="primary", elem_id="cmp-run")
         c["stop"] = panel.render_stop(elem_id="cmp-stop", scale=0)
         c["load"] = gr.Button("Load results", elem_id="cmp-load")
@@ -359,13 +411,20 @@ def listen_metrics(ctx: StudioContext, c: dict[str, Any], panel: JobPanel) -> No
                           c["checkpoints"], api_name="compare_checkpoints", queue=False)
     run_out = [c["job"], c["status"], c["log"], panel.timer, c["stop"]]
 
+    # "Run on" is the last input (an API client may leave it out: local).
     @user_errors
     def on_run(request: gr.Request, checkpoints, *values):
-        job = submit_evaluation(ctx, ctx.reviewer_for(request, None), checkpoints, form_values(values))
+        *form, where = values
+        job = submit_evaluation(ctx, ctx.reviewer_for(request, None), checkpoints, form_values(form),
+                                chosen_executor(ctx, request, where))
         return only(panel.updates(panel.view(job)), run_out)
 
-    c["run"].click(on_run, [c["checkpoints"], *c["form"].values()], run_out, api_name="compare_run",
+    c["run"].click(on_run, [c["checkpoints"], *c["form"].values(), c["run_on"]], run_out, api_name="compare_run",
                    concurrency_limit=4)
+    root = gr.context.Context.root_block
+    if root is not None:   # the executors with the page (trainer role, the tab's), never at build time
+        root.load(user_errors(lambda cur: run_on_update(ctx, cur)), c["run_on"], c["run_on"],
+                  api_name="compare_executors", show_progress="hidden")
 
     @user_errors
     def on_metric(ids, metric):

@@ -85,7 +85,8 @@ from medart_core.cli import COMMANDS, build_parser
 parser = build_parser()
 argvs = [[c.name, "--help"] for c in COMMANDS] + [["--help"], ["jobs", "submit", "train", "--help"],
          ["jobs", "submit", "sleep", "--help"], ["jobs", "list", "--help"], ["users", "add", "--help"],
-         ["demo-backbone", "build", "--help"]]
+         ["demo-backbone", "build", "--help"], ["executors", "add", "--help"], ["executors", "check", "--help"],
+         ["jobs", "resume", "--help"]]
 codes = []
 for argv in argvs:
     with contextlib.redirect_stdout(io.StringIO()):

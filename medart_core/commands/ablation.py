@@ -1,5 +1,6 @@
 """``ablation``: the paper's ablation table in miniature on the demo backbone (:mod:`medart_core.ablation`),
-in the foreground or queued as an ``ablation`` job through the Executor."""
+in the foreground or queued as an ``ablation`` job through the Executor (``--job``, or ``--executor NAME`` to
+run that job on a named executor, e.g. a Slurm cluster)."""
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,14 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     if args.rows:
         overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     ws = Workspace.open(args.workspace)
-    if args.job:
+    if args.job or args.executor:
         from ..jobs import LocalExecutor
 
-        job = LocalExecutor(ws).submit("ablation", {"preset": args.preset, "overrides": overrides})
-        print(f"queued ablation job {job.id}; follow it with `python -m medart_core jobs logs {job.id}`")
+        # An unknown --executor is a user error listing the known ones (the Executor checks the name).
+        job = LocalExecutor(ws).submit("ablation", {"preset": args.preset, "overrides": overrides},
+                                       executor=args.executor or "local")
+        print(f"queued ablation job {job.id} on {job.executor}; follow it with "
+              f"`python -m medart_core jobs logs {job.id}`")
         return 0
     import torch
 
@@ -62,4 +66,6 @@ def ablation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROW_NAMES)}")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the foreground (default 2)")
     p.add_argument("--job", action="store_true", help="queue it as an `ablation` job instead of running it here")
+    p.add_argument("--executor", default=None, metavar="NAME",
+                   help="queue it as an `ablation` job on this executor (local or a name from `executors list`)")
     p.set_defaults(func=_cmd_ablation)

@@ -8,18 +8,37 @@ import json
 from . import add_workspace
 
 
+def _submit_evaluation(ws: object, spec: object, refs: list[str], args: argparse.Namespace) -> int:
+    """``--executor NAME``: queue the same evaluation as an ``evaluate`` job (the studio's Compare form's)."""
+    import dataclasses
+
+    from ..jobs import LocalExecutor
+
+    # An unknown --executor is a user error listing the known ones (the Executor checks the name).
+    job = LocalExecutor(ws).submit("evaluate", {"spec": dataclasses.asdict(spec), "checkpoints": refs,
+                                                "backbone": args.backbone}, executor=args.executor)
+    if args.json:
+        print(json.dumps(job.to_dict(), sort_keys=True, default=str))
+    else:
+        print(f"queued evaluate job {job.id} on {job.executor}; follow it with `python -m medart_core jobs logs "
+              f"{job.id}` and read the table with `python -m medart_core review-results`")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..captions import CaptionStore
     from ..evaluate import EvalSpec, comparison_table, format_comparison, run_evaluation
     from ..workspace import Workspace
 
     ws = Workspace.open(args.workspace)
-    store = CaptionStore.for_workspace(ws)
     spec = EvalSpec(dataset=args.dataset, extractor=args.extractor, extractor_weights=args.weights,
                     per_class=args.per_class, captions=args.captions, steps=args.steps, guidance=args.guidance,
                     size=args.size, seed=args.seed, precision=args.precision,
                     classes=[c for c in args.classes.split(",") if c] if args.classes else None)
     refs = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    if args.executor:
+        return _submit_evaluation(ws, spec, refs, args)
+    store = CaptionStore.for_workspace(ws)
     results = run_evaluation(ws, store, spec, refs, backbone=args.backbone,
                              log=None if args.json else (lambda m: print(m, flush=True)))
     table = comparison_table(results)
@@ -72,6 +91,9 @@ def evaluate(p: argparse.ArgumentParser) -> None:
                    help="generation precision: fp32 | bf16 | auto (bf16 where the device runs it fast). Default: "
                         "bf16 on a GPU, fp32 on a CPU; results in different precisions are not compared")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    p.add_argument("--executor", default=None, metavar="NAME",
+                   help="queue it as an `evaluate` job on this executor (local or a name from `executors list`) "
+                        "instead of running it here")
     p.set_defaults(func=_cmd_evaluate)
 
 

@@ -1,6 +1,7 @@
 """Job commands: ``worker`` (the supervisor in the foreground) and ``jobs submit|list|show|stop|resume|logs``.
 Everything goes through the ``Executor`` (the only door to jobs); ``jobs submit KIND`` exists for each kind
-whose registration brings ``add_submit_arguments``/``submit_config`` hooks."""
+whose registration brings ``add_submit_arguments``/``submit_config`` hooks; ``--executor NAME`` (a name from
+``executors list``) says where a job, or a resumed attempt, runs."""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ def _print_job(job: Job, as_json: bool, ex: Executor | None = None, full: bool =
         print(f"{job.id}\t{job.kind}\t{job.progress_text()}\trun={job.run or '-'}\tpid={job.pid or '-'}{err}")
         return
     print(f"job {job.id} ({job.kind}), {job.progress_text()}")
-    for k in ("run", "owner", "pid", "last_checkpoint", "log_path"):
-        print(f"  {k}: {getattr(job, k)}")
+    for k in ("run", "owner", "executor", "remote_id", "pid", "last_checkpoint", "log_path"):
+        print(f"  {k}: {getattr(job, k, None)}")
     for k in ("created_at", "started_at", "finished_at", "heartbeat_at"):
         print(f"  {k}: {iso(getattr(job, k))}")
     if ex is not None:
@@ -64,8 +65,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     config = args.submit_config(args)
     ex = LocalExecutor(ws, start_supervisor=not args.no_worker)
-    try:
-        _print_job(ex.submit(args.kind, config, owner=args.owner), args.json)
+    try:   # an unknown --executor is a user error listing the known ones (the Executor checks the name)
+        _print_job(ex.submit(args.kind, config, owner=args.owner, executor=args.executor), args.json)
     finally:
         ex.close()
     return 0
@@ -97,7 +98,8 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     ex = _executor(args, start=not args.no_worker)
-    _print_job(ex.resume(args.id, max_steps=args.max_steps), args.json)
+    # --executor None: where the last attempt ran
+    _print_job(ex.resume(args.id, max_steps=args.max_steps, executor=args.executor), args.json)
     return 0
 
 
@@ -159,6 +161,8 @@ def _submit(sp: argparse.ArgumentParser) -> None:
         add_arguments(kp)
         add_workspace(kp)
         kp.add_argument("--owner", default=None, help="who submits (shown in the list)")
+        kp.add_argument("--executor", default="local", metavar="NAME",
+                        help="where it runs: local (default) or a name from `executors list`")
         kp.add_argument("--json", action="store_true", help="print the job as one JSON line")
         kp.add_argument("--no-worker", action="store_true", help="do not start a supervisor if none runs")
         kp.set_defaults(func=_cmd_submit, submit_config=kind.hook("submit_config"))
@@ -194,6 +198,8 @@ def jobs(jp: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     add_workspace(p)
     p.add_argument("--max-steps", type=int, default=None, help="train to this step (also extends a done run)")
+    p.add_argument("--executor", default=None, metavar="NAME",
+                   help="run the new attempt there (default: where the last attempt ran)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-worker", action="store_true", help="do not start a supervisor if none runs")
     p.set_defaults(func=_cmd_resume)
