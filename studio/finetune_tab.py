@@ -11,8 +11,9 @@ This module is the layout (``render_finetune_tab``) and the wiring (``listen_fin
 travels as one dict by field name; handlers return ``{component: value}`` dicts.
 
 Every handler needs the trainer role (the tab's, in ``studio.app.TABS``); submissions carry ``owner=`` the
-signed-in user. Launch, calibrate and resume share one concurrency slot (``SUBMIT_CONCURRENCY``): each
-builds a config and an estimate and inserts a job row, and a burst of them should queue, not pile up.
+signed-in user and ``executor=`` the "Run on" choice (``studio.executors_panel``). Launch, calibrate and
+resume share one concurrency slot (``SUBMIT_CONCURRENCY``): each builds a config and an estimate and inserts
+a job row, and a burst of them should queue, not pile up.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from typing import Any
 
 import gradio as gr
 
+from medart_core.executors import LOCAL
 from medart_core.jobs import ensure_supervisor
 
 from .context import StudioContext
 from .errors import user_errors
-from .finetune_form import (BACKBONES, FORM, OVERRIDES, PRESETS, calibrate, dataset_info, dataset_names,  # noqa: F401
+from .executors_panel import chosen_executor, run_on_dropdown, run_on_update
+from .finetune_form import (BACKBONES, FORM, OVERRIDES, PRECISIONS, PRESETS, calibrate, dataset_info, dataset_names,  # noqa: F401
                             default_preset, device, device_banner, estimate_markdown, form_values, launch,
                             make_config, preset_values, resume, stop)
 from .finetune_runs import (LOG_LINES, MAX_POINTS, METRICS, RUN_COLUMNS, _progress_html, active_job,  # noqa: F401
@@ -78,8 +81,21 @@ def _render_form(ctx: StudioContext, c: dict[str, Any]) -> None:
         with gr.Row():
             f["t5_enabled"] = gr.Checkbox(v0["t5_enabled"], label="lora.t5_enabled (LoRA on T5 too)")
             f["use_dora"] = gr.Checkbox(v0["use_dora"], label="lora.use_dora")
+        with gr.Row():
+            f["precision"] = gr.Dropdown(list(PRECISIONS), value=v0["precision"], label="precision",
+                                         info="bf16: frozen DiT/T5/VAE in bf16, LoRA and losses fp32; auto: bf16 "
+                                              "where the device runs it fast", elem_id="ft-precision")
+            f["checkpointing"] = gr.Radio(["auto", "on", "off"], value=v0["checkpointing"],
+                                          label="hldf.checkpointing", info="auto: only when memory needs it")
+        with gr.Row():
+            f["ema_decay"] = num("ema_decay", "ema.decay (0 = off; e.g. 0.999)", minimum=0, maximum=0.99999,
+                                 elem_id="ft-ema-decay")
+            f["snr_gamma"] = num("snr_gamma", "snr_gamma (min-SNR-γ; 0 = off)", minimum=0, elem_id="ft-snr-gamma")
+        f["ema_posthoc"] = gr.Checkbox(v0["ema_posthoc"], label="ema.posthoc (snapshots: any EMA length afterwards, "
+                                                                "`ema reconstruct` / `ema sweep`)")
     c["form"] = {k: f[k] for k in FORM}
     c["run_name"] = gr.Textbox(label="Run name (optional)", placeholder="dataset + UTC time", elem_id="ft-run-name")
+    c["run_on"] = run_on_dropdown("ft-run-on")   # also where Calibrate and Resume run
     c["est_md"] = gr.Markdown(elem_id="ft-estimate")
     c["calib_md"] = gr.Markdown(elem_id="ft-calibration")
     with gr.Row():
@@ -179,13 +195,13 @@ def _listen_load(ctx: StudioContext, c: dict[str, Any], panel: JobPanel, live: l
         names = dataset_names(ctx)
         return {c["banner"]: device_banner(), form["dataset"]: gr.Dropdown(choices=names,
                                                                            value=names[0] if names else None),
-                form["preset"]: p, **{form[k]: v for k, v in preset_values(p).items()},
+                c["run_on"]: run_on_update(ctx), form["preset"]: p, **{form[k]: v for k, v in preset_values(p).items()},
                 **live_updates(c, panel, view)}
 
     root = gr.context.Context.root_block
     if root is not None:
-        root.load(on_load, None, [c["banner"], form["dataset"], form["preset"], *(form[k] for k in OVERRIDES),
-                                  *live], api_name="finetune_load", **QUIET)
+        root.load(on_load, None, [c["banner"], form["dataset"], c["run_on"], form["preset"],
+                                  *(form[k] for k in OVERRIDES), *live], api_name="finetune_load", **QUIET)
     form["dataset"].change(lambda d: dataset_info(ctx, d), form["dataset"], c["ds_info"], api_name=False, **QUIET)
     form["preset"].input(lambda p: tuple(preset_values(p).values()), form["preset"],
                          [form[k] for k in OVERRIDES], api_name="finetune_preset", **QUIET)
@@ -207,26 +223,32 @@ def _listen_submit(ctx: StudioContext, c: dict[str, Any], panel: JobPanel, live:
         view["runs"] = runs_frame(ctx)
         return live_updates(c, panel, view)
 
-    # gr.Request first: Gradio inserts it by position, and the form is passed as *args.
+    # gr.Request first: Gradio inserts it by position, and the form is passed as *args, "Run on" last.
     @user_errors
     def on_launch(request: gr.Request, name, *values):
-        return after_submit(launch(ctx, _owner(ctx, request), name, form_values(values)))
+        *form, where = values
+        return after_submit(launch(ctx, _owner(ctx, request), name, form_values(form),
+                                   chosen_executor(ctx, request, where)))
 
-    c["launch_btn"].click(on_launch, [c["run_name"], *inputs], live, api_name="finetune_launch", **SUBMIT_CONCURRENCY)
+    c["launch_btn"].click(on_launch, [c["run_name"], *inputs, c["run_on"]], live, api_name="finetune_launch",
+                          **SUBMIT_CONCURRENCY)
 
     @user_errors
     def on_calibrate(request: gr.Request, *values):
-        return after_submit(calibrate(ctx, _owner(ctx, request), form_values(values)),
+        *form, where = values
+        return after_submit(calibrate(ctx, _owner(ctx, request), form_values(form),
+                                      chosen_executor(ctx, request, where)),
                             "Calibrating: 4 real steps (2 pixel steps) as a short job; the measured figures appear "
                             "here when it is done.")
 
-    c["calib_btn"].click(on_calibrate, inputs, live, api_name="finetune_calibrate", **SUBMIT_CONCURRENCY)
+    c["calib_btn"].click(on_calibrate, [*inputs, c["run_on"]], live, api_name="finetune_calibrate",
+                         **SUBMIT_CONCURRENCY)
 
     @user_errors
-    def on_resume(job_id, run, request: gr.Request = None):
-        return after_submit(resume(ctx, job_id, run, _owner(ctx, request)))
+    def on_resume(job_id, run, where=LOCAL, request: gr.Request = None):
+        return after_submit(resume(ctx, job_id, run, _owner(ctx, request), chosen_executor(ctx, request, where)))
 
-    c["resume_btn"].click(on_resume, [c["job_box"], c["run_box"]], live, api_name="finetune_resume",
+    c["resume_btn"].click(on_resume, [c["job_box"], c["run_box"], c["run_on"]], live, api_name="finetune_resume",
                           **SUBMIT_CONCURRENCY, **QUIET)
 
 

@@ -305,3 +305,17 @@ def test_cpu_smoke_run_from_launch_to_done_through_the_api(served, ws):
         time.sleep(1.0)
     assert res[7]["state"] == "done", res[6]
     assert res[-2].startswith("**Measured** (4 steps): latent step") and "estimate:" in res[-2]
+
+
+def test_the_form_sets_precision_checkpointing_ema_and_min_snr():
+    """The issue-19/20 options reach the TrainConfig from the form; the preset's own values by default."""
+    from studio import finetune_tab as tab
+
+    default = tab.make_config(_form())
+    assert (default.precision, default.ema.decay, default.ema.posthoc, default.snr_gamma) == (None, 0.0, False, None)
+    assert default.hldf.checkpointing == tab.preset_values("cpu-smoke")["checkpointing"]
+    cfg = tab.make_config(_form(precision="bf16", checkpointing="on", ema_decay=0.999, ema_posthoc=True,
+                                snr_gamma=5))
+    assert (cfg.precision, cfg.hldf.checkpointing, cfg.ema.decay, cfg.ema.posthoc, cfg.snr_gamma) == \
+        ("bf16", "on", 0.999, True, 5.0)
+    assert tab.make_config(_form(precision="device default")).precision is None
