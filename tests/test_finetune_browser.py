@@ -52,19 +52,37 @@ def _progress(page) -> str:
     return page.locator("#ft-progress").inner_text()
 
 
-def _wait_progress(page, pattern: str, timeout=120_000) -> str:
-    page.wait_for_function("(p) => { const e = document.querySelector('#ft-progress');"
-                           " return e && new RegExp(p).test(e.innerText); }", arg=pattern, timeout=timeout)
+def _explain(page, ws) -> str:
+    """What the page and the ledger said when a wait ran out (the job row and its log's tail)."""
+    from medart_core.jobs import JobLedger
+
+    led = JobLedger(ws)
+    jobs = led.list()
+    rows = [f"{j.id} {j.state} step={j.step} pid={j.pid} error={j.error}" for j in jobs]
+    tail = led.log_tail(jobs[0].id, 30) if jobs else ""
+    seen = page.evaluate("() => document.visibilityState")
+    return f"page ({seen}): {_progress(page)!r}\nledger: {rows}\nlog tail:\n{tail}"
+
+
+def _wait_progress(page, pattern: str, timeout=120_000, ws=None) -> str:
+    try:
+        page.wait_for_function("(p) => { const e = document.querySelector('#ft-progress');"
+                               " return e && new RegExp(p).test(e.innerText); }", arg=pattern, timeout=timeout)
+    except Exception as e:
+        raise AssertionError(f"no progress line matching {pattern!r}: {e}\n{_explain(page, ws)}") from e
     return _progress(page)
 
 
-def _wait_step(page, above: int, state: str = "running", timeout=90_000) -> str:
+def _wait_step(page, above: int, state: str = "running", timeout=90_000, ws=None) -> str:
     """Wait until the progress line says ``state`` at a step beyond ``above``."""
-    page.wait_for_function(
-        "([above, state]) => { const e = document.querySelector('#ft-progress'); if (!e) return false;"
-        " const m = e.innerText.match(/step (\\d+)\\//);"
-        " return e.innerText.startsWith(state) && m && parseInt(m[1]) > above; }", arg=[above, state],
-        timeout=timeout)
+    try:
+        page.wait_for_function(
+            "([above, state]) => { const e = document.querySelector('#ft-progress'); if (!e) return false;"
+            " const m = e.innerText.match(/step (\\d+)\\//);"
+            " return e.innerText.startsWith(state) && m && parseInt(m[1]) > above; }", arg=[above, state],
+            timeout=timeout)
+    except Exception as e:
+        raise AssertionError(f"no {state!r} step above {above}: {e}\n{_explain(page, ws)}") from e
     return _progress(page)
 
 
@@ -96,29 +114,29 @@ def test_launch_watch_stop_resume_in_the_browser(served, chromium):
     page.locator("#ft-run-name textarea, #ft-run-name input").first.fill("browser")
     page.locator("#ft-launch").click()
 
-    first = _wait_progress(page, r"running · step [1-9]")
+    first = _wait_progress(page, r"running · step [1-9]", ws=ws)
     lines = ("() => [...document.querySelectorAll('#ft-latent-plot .mark-line path')]"
              ".map(p => (p.getAttribute('d') || '').length)")
     page.wait_for_function(f"() => ({lines})().some(n => n > 20)", timeout=60_000)   # a drawn loss curve
     before = max(page.evaluate(lines))
-    later = _wait_step(page, _step(first) + 5)
+    later = _wait_step(page, _step(first) + 5, ws=ws)
     assert _step(later) > _step(first), "the progress did not move"
     page.wait_for_function(f"(n) => Math.max(...({lines})()) > n", arg=before, timeout=30_000)   # the curve grew
     page.screenshot(path=f"{SHOTS}/finetune_running.png", full_page=True)
 
     page.locator("#ft-stop").click()
-    stopped = _wait_progress(page, r"^stopped", timeout=60_000)
+    stopped = _wait_progress(page, r"^stopped", timeout=60_000, ws=ws)
     k = _step(stopped)
     assert 0 < k < 5000 and "Resume" in stopped
     assert (ws.run_layout("browser").checkpoint(k) / "adapters.safetensors").is_file()
     page.screenshot(path=f"{SHOTS}/finetune_stopped.png", full_page=True)
 
     page.locator("#ft-resume").click()
-    resumed = _wait_progress(page, r"running \(attempt 2\) · step", timeout=90_000)
+    resumed = _wait_progress(page, r"running \(attempt 2\) · step", timeout=90_000, ws=ws)
     assert _step(resumed) >= k
-    _wait_step(page, k + 5, "running (attempt 2)")
+    _wait_step(page, k + 5, "running (attempt 2)", ws=ws)
     page.locator("#ft-stop").click()
-    final = _wait_progress(page, r"^stopped \(attempt 2\)", timeout=60_000)
+    final = _wait_progress(page, r"^stopped \(attempt 2\)", timeout=60_000, ws=ws)
     assert _step(final) > k
     page.screenshot(path=f"{SHOTS}/finetune_resumed_stopped.png", full_page=True)
     assert "browser" in page.locator("#ft-runs").inner_text()
