@@ -33,6 +33,15 @@ def store(ws):
     s.close()
 
 
+@pytest.fixture
+def ledger(ws):
+    from medart_core.jobs import JobLedger
+
+    led = JobLedger(ws)
+    yield led
+    led.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     """The tiny backbone's T5 tokenizer (no model weights)."""

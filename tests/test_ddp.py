@@ -29,6 +29,21 @@ print(json.dumps({"rank": rank, "world": dist.get_world_size() if dist.is_initia
 '''
 
 
+def run_two_ranks(ws, tmp_path, cfg, port: int):
+    """``train(cfg)`` as run "ddp" in two gloo ranks (torch.distributed.run); each rank saves its adapters to
+    ``out/rank<r>.safetensors`` and prints one JSON line. Returns (out, the finished process)."""
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    (tmp_path / "script.py").write_text(SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return out, r
+
+
 @pytest.mark.slow
 def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path, free_port):
     import torch
@@ -39,15 +54,7 @@ def test_two_cpu_ranks_end_with_identical_adapters(ws, store, tmp_path, free_por
     cfg = tiny_train_config(lora={"rank": 2, "alpha": 2.0},
                             hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False},
                             validate_every=4, lr=1e-2)
-    (tmp_path / "cfg.json").write_text(cfg.to_json())
-    (tmp_path / "script.py").write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                        str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out, r = run_two_ranks(ws, tmp_path, cfg, free_port())
     reports = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')),
                      key=lambda d: d["rank"])
     assert [(d["rank"], d["world"], d["step"]) for d in reports] == [(0, 2, 4), (1, 2, 4)]

@@ -100,15 +100,6 @@ def procs(ws, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def ledger(ws):
-    from medart_core.jobs import JobLedger
-
-    led = JobLedger(ws)
-    yield led
-    led.close()
-
-
-@pytest.fixture
 def mini(ws, store):
     make_dataset(ws, store)
     return "mini"

@@ -116,11 +116,12 @@ def test_model_card_of_a_hub_backbone_names_it_and_its_licence():
     from medart_core.model_card import build_model_card
     from medart_core.train_config import TrainConfig
 
-    cfg = TrainConfig.from_dict({"backbone": "PixArt-alpha/PixArt-XL-2-512x512", "ema": {"decay": 0.999}})
+    hub_id = "PixArt-alpha/PixArt-XL-2-512x512"     # only written into the card's text, never loaded
+    cfg = TrainConfig.from_dict({"backbone": hub_id, "ema": {"decay": 0.999}})
     card = build_model_card(cfg=cfg, provenance={"checkpoint": "r/step_000010", "weights": "ema"}, step=10,
                             is_random=False, weights="ema")
     meta = _front_matter(card)
-    assert meta["base_model"] == "PixArt-alpha/PixArt-XL-2-512x512" and meta["license"] == "openrail++"
+    assert meta["base_model"] == hub_id and meta["license"] == "openrail++"
     assert "random-weight" not in card and "Exported weights: ema" in card
-    assert 'PixArtAlphaPipeline.from_pretrained("PixArt-alpha/PixArt-XL-2-512x512")' in card
+    assert f'PixArtAlphaPipeline.from_pretrained("{hub_id}")' in card
     assert "No stored evaluation" in card

@@ -16,15 +16,6 @@ from training_data import make_dataset
 
 
 @pytest.fixture
-def ledger(ws):
-    from medart_core.jobs import JobLedger
-
-    led = JobLedger(ws)
-    yield led
-    led.close()
-
-
-@pytest.fixture
 def procs(ws, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MKL_NUM_THREADS", "1")

@@ -301,21 +301,13 @@ def test_two_cpu_ranks_with_ema_rank0_keeps_the_average(ws, store, tmp_path, fre
     """Data-parallel with EMA and post-hoc EMA on: both ranks end with the same adapters, rank 0 alone holds
     and saves the averages, updated once per optimiser step."""
     import torch
-    from test_ddp import SCRIPT
+    from test_ddp import run_two_ranks
 
     from medart_core.checkpoint import read_checkpoint
 
     make_dataset(ws, store, n=7)
     cfg = tiny_train_config(lora={"rank": 2, "alpha": 2.0}, validate_every=100, lr=1e-2, **{"ema": EMA_RUN["ema"]})
-    (tmp_path / "cfg.json").write_text(cfg.to_json())
-    (tmp_path / "script.py").write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                        str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out, _ = run_two_ranks(ws, tmp_path, cfg, free_port())
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
