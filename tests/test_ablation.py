@@ -11,7 +11,7 @@ from PIL import Image
 
 from medart_core import ablation as A
 from medart_core.errors import ConfigError
-from test_jobs import ledger, procs  # noqa: F401  (fixtures: job supervisors killed at teardown, the ledger)
+from test_jobs import procs  # noqa: F401  (fixture: job supervisors killed at teardown; the ledger is conftest's)
 
 
 # ---- the fine-tuning set ------------------------------------------------------------------------------------
