@@ -49,6 +49,27 @@ def _groups(owner: Sequence[int], n_real: int) -> list[list[int]]:
     return out
 
 
+def _fd(real: "torch.Tensor", fake: "torch.Tensor") -> float:
+    """The Fréchet distance of :func:`metrics.frechet_distance`, the same number computed in the space of the
+    images instead of the features when there are fewer images than dimensions (Inception's 2048 at N=128: a
+    few milliseconds instead of seconds per bootstrap replicate). With centred A = X_r/√(n_r−1) and
+    B = X_f/√(n_f−1), Σ_r = AᵀA and Σ_f = BᵀB, the non-zero eigenvalues of Σ_rΣ_f are the squared singular
+    values of ABᵀ (n_r × n_f), so tr √(Σ_rΣ_f) = Σ σ(ABᵀ) and tr Σ = ‖A‖²_F."""
+    import torch
+
+    if real.shape[1] <= max(real.shape[0], fake.shape[0]):
+        return M.frechet_distance(real, fake)
+    for x in (real, fake):                      # the feature-space path's "too few samples" error
+        if x.shape[0] < M.MIN_SAMPLES:
+            raise ConfigError(f"need at least {M.MIN_SAMPLES} samples for a covariance, got {x.shape[0]}.")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    a = (real - mu_r) / math.sqrt(real.shape[0] - 1)
+    b = (fake - mu_f) / math.sqrt(fake.shape[0] - 1)
+    tr_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    d = (mu_r - mu_f).square().sum() + a.square().sum() + b.square().sum() - 2 * tr_sqrt
+    return float(d.clamp(min=0))
+
+
 def _kid_full(real: "torch.Tensor", fake: "torch.Tensor") -> float:
     """Unbiased polynomial MMD² over the whole sets (KID with one subset of all images): the statistic whose
     difference is bootstrapped (random subsets would add noise the pairing cannot remove)."""
@@ -75,7 +96,7 @@ def paired_bootstrap(real: "torch.Tensor", fake_a: "torch.Tensor", fake_b: "torc
     if len(own) != fa.shape[0]:
         raise ConfigError(f"owner has {len(own)} entries for {fa.shape[0]} generated images.")
     groups = _groups(own, r.shape[0])
-    stats = {"fd": M.frechet_distance, "kid": _kid_full}
+    stats = {"fd": _fd, "kid": _kid_full}
     point = {k: (f(r, fa), f(r, fb)) for k, f in stats.items()}
     gen = torch.Generator().manual_seed(int(seed))
     boot: dict[str, list[float]] = {k: [] for k in stats}

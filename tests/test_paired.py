@@ -144,3 +144,15 @@ def test_paired_mean_test_edge_cases():
     # Per-image correctness (1/0), higher is better: B right on every image A got wrong.
     acc = P.paired_mean_test([0, 1] * 10, [1, 1] * 10, lower_is_better=False)
     assert acc["diff"] == -0.5 and acc["verdict"] == P.B_BETTER
+
+
+@pytest.mark.parametrize("n, d", [(12, 40), (30, 300), (20, 8)])
+def test_the_bootstraps_fd_is_the_metrics_fd(n, d):
+    """With fewer images than dimensions the paired bootstrap takes FD in image space (singular values of
+    an n x n product): the same number as metrics.frechet_distance's feature-space eigh, to rounding."""
+    g = torch.Generator().manual_seed(n)
+    real = torch.randn(n, d, generator=g, dtype=torch.float64)
+    fake = torch.randn(n + 3, d, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    assert P._fd(real, fake) == pytest.approx(M.frechet_distance(real, fake), rel=1e-7)
+    with pytest.raises(ConfigError, match="at least"):
+        P._fd(real[:1], fake)
