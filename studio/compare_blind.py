@@ -271,7 +271,8 @@ def _listen_reviewer(ctx: StudioContext, c: dict[str, Any]) -> None:
 
     fast = dict(show_progress="hidden", trigger_mode="once")
     c["b_start"].click(on_start, [c["b_study"], c["b_reviewer"]], b_out, api_name="blind_start", **fast)
-    c["b_study"].input(on_start, [c["b_study"], c["b_reviewer"]], b_out, api_name=False, **fast)
+    # Start alone starts (choosing a study used to start it too: two starts in flight, and the later answer,
+    # computed before a quick first vote was stored, put the page back on that pair).
 
     def voter(choice: Optional[str]):
         @requires(ANNOTATOR)
