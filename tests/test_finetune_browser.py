@@ -9,6 +9,8 @@ import socket
 
 import pytest
 
+from medart_core.presets import load_preset
+
 SHOTS = os.environ.get("MEDART_SCREENSHOTS", "/tmp")
 
 
@@ -109,12 +111,20 @@ def test_launch_watch_stop_resume_in_the_browser(served, chromium):
     page.get_by_label("latest").check()
     page.get_by_text("Overrides").click()
     box = page.locator("#ft-max-steps input")
+    # The accordion's fields mount when it opens and take the form's value then: typing before that value has
+    # arrived loses the typing (CI once launched the preset's 30 steps). Wait for the preset's value, type, and
+    # wait until the box holds what was typed.
+    page.wait_for_function("(v) => (document.querySelector('#ft-max-steps input') || {}).value === v",
+                           arg=str(load_preset("cpu-smoke")["max_steps"]), timeout=60_000)
     box.fill("5000")
     box.press("Tab")
+    page.wait_for_function("() => (document.querySelector('#ft-max-steps input') || {}).value === '5000'",
+                           timeout=60_000)
     page.locator("#ft-run-name textarea, #ft-run-name input").first.fill("browser")
     page.locator("#ft-launch").click()
 
     first = _wait_progress(page, r"running · step [1-9]", ws=ws)
+    assert "/5000" in first, f"the launch did not take the typed max steps: {first!r}"
     lines = ("() => [...document.querySelectorAll('#ft-latent-plot .mark-line path')]"
              ".map(p => (p.getAttribute('d') || '').length)")
     page.wait_for_function(f"() => ({lines})().some(n => n > 20)", timeout=60_000)   # a drawn loss curve
