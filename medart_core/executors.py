@@ -278,8 +278,11 @@ def add_executors_arguments(parser_or_subparsers: Any) -> argparse.ArgumentParse
     add.add_argument("--qos")
     add.add_argument("--setup", action="append", metavar="CMD",
                      help="shell command run before the job on the node (repeat for several)")
-    add.add_argument("--nodes", type=int)
-    add.add_argument("--tasks-per-node", type=int, dest="tasks_per_node")
+    add.add_argument("--nodes", type=int, help="nodes per job (default 1); a train job runs data parallel on "
+                                               "nodes x tasks-per-node processes")
+    add.add_argument("--tasks-per-node", type=int, dest="tasks_per_node",
+                     help="Slurm tasks (processes) per node (default 1; e.g. one per GPU); a train job runs one "
+                          "data-parallel rank per task, other jobs run on task 0 alone")
     add.add_argument("--replace", action="store_true", help="redefine an executor that exists")
     _add_workspace(add)
 
@@ -305,7 +308,7 @@ def _describe(spec: ExecutorSpec) -> str:
     if s.gpus_per_node:
         parts.append(f"gpus/node={s.gpus_per_node}")
     if s.nodes != 1 or s.tasks_per_node != 1:
-        parts.append(f"nodes={s.nodes}x{s.tasks_per_node} tasks")
+        parts.append(f"nodes={s.nodes} tasks/node={s.tasks_per_node} (train: {s.nodes * s.tasks_per_node} ranks)")
     return " ".join(parts)
 
 

@@ -148,6 +148,28 @@ class FileChannel(JobChannel):
         return True
 
 
+class FollowerChannel(JobChannel):
+    """Task 1+ of a multi-task (data-parallel) Slurm job: reads the stop flag, writes nothing. Task 0 alone
+    writes the attempt's heartbeat, progress, checkpoints and final record (and the job's log); the stop
+    decision reaches the other tasks through the training loop's collective (``train._all_ranks_any``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def beat(self, progress: float | None, info: dict[str, Any] | None) -> tuple[bool, bool]:
+        return self.read_flags()
+
+    def read_flags(self) -> tuple[bool, bool]:
+        return True, (self.folder / STOP_FILE).exists()
+
+    def checkpoint(self, path: str, step: int | None) -> None:
+        return None
+
+    def finish(self, state: str, *, error: str | None, result: dict[str, Any] | None, progress: float | None,
+               info: dict[str, Any] | None, detail: dict[str, Any] | None) -> bool:
+        return False
+
+
 def write_job_file(folder: Path, job: Job) -> None:
     """What the node needs of the row (it cannot read the ledger): written before the attempt is submitted."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,11 +184,19 @@ def read_job_file(folder: Path) -> Job:
     return Job(**data)
 
 
-def count_start(folder: Path) -> int:
-    """Record one more start of the attempt; returns how many there were (2+ after a Slurm requeue)."""
+def count_start(folder: Path, key: str | None = None) -> int:
+    """Record one more start of the attempt; returns how many there were (2+ after a Slurm requeue).
+    ``key`` names this start (Slurm job id and restart count): the other tasks of a multi-task job wait for
+    it (:func:`read_start`) instead of counting themselves."""
     n = int((read_json(folder / STARTS_FILE, {}) or {}).get("starts", 0)) + 1
-    write_json(folder / STARTS_FILE, {"starts": n, "at": time.time(), "host": socket.gethostname()})
+    write_json(folder / STARTS_FILE, {"starts": n, "at": time.time(), "host": socket.gethostname(), "key": key})
     return n
+
+
+def read_start(folder: Path, key: str) -> int | None:
+    """The start count task 0 recorded for the start ``key``; None while it has not recorded it yet."""
+    data = read_json(folder / STARTS_FILE, {}) or {}
+    return int(data["starts"]) if data.get("key") == key and "starts" in data else None
 
 
 @dataclass

@@ -14,6 +14,15 @@ next step boundary (training writes a complete checkpoint), waits for it, and re
 attempt counts a second start (``starts.json``), so ``ctx.resumed`` is true and training continues bitwise
 from that checkpoint. The job runs in a worker thread for this: the signal arrives on the main thread,
 which can then wait for the training thread to reach its step boundary.
+
+**Several tasks** (an executor with ``tasks_per_node``/``nodes`` above 1): srun starts this function once per
+task. For a data-parallel kind (``train``) every task exports submitit's torch distributed environment
+(MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; accelerate then joins them: gloo on CPU, NCCL on GPUs) and
+runs the kind; task 0 alone counts the start, writes the job's log and reports through the
+:class:`~.channel.FileChannel`, the others get a :class:`~.channel.FollowerChannel` (no heartbeat, no final
+record; their output stays in Slurm's per-task log) and wait for task 0's start record to learn whether this
+start continues a requeued one. A stop reaches every task through training's collective stop decision;
+submitit's requeue handler runs on task 0 only. Other kinds run on task 0 alone: the other tasks return.
 """
 from __future__ import annotations
 
@@ -27,11 +36,54 @@ from typing import Any
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from ..errors import MedArtError
 from ..workspace import Workspace
-from .channel import FileChannel, attempt_dir, count_start, read_job_file, read_remote
+from .channel import (FileChannel, FollowerChannel, attempt_dir, count_start, read_job_file, read_remote,
+                      read_start)
 from .runner import JobContext, execute
 
 CHECKPOINT_WAIT_S = 75.0   # below submitit's signal_delay_s (90 s): the requeue must happen before the kill
+START_WAIT_S = 300.0       # tasks 1+ wait this long for task 0 to record the start (a slow shared filesystem)
+DATA_PARALLEL_KINDS = ("train",)   # kinds that run on every task of a multi-task job (torch distributed)
+
+
+def slurm_task() -> tuple[int, int]:
+    """(global rank, number of tasks) of this Slurm task; (0, 1) outside a submitit job."""
+    from submitit import JobEnvironment
+
+    try:
+        env = JobEnvironment()
+        return int(env.global_rank), int(env.num_tasks)
+    except Exception:  # noqa: BLE001 - not in a job (a direct call): one task
+        return 0, 1
+
+
+def export_torch_distributed() -> str:
+    """Export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE for torch's env:// init
+    (submitit's values: the first node, a port drawn from the job id); every GPU of the node stays visible
+    (accelerate picks ``cuda:LOCAL_RANK``). Returns "addr:port"."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    d = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return f"{d.master_addr}:{d.master_port}"
+
+
+def _start_key() -> str:
+    # The same on every task of one start; a requeue (scontrol requeue) raises SLURM_RESTART_COUNT.
+    return f"{os.environ.get('SLURM_JOB_ID', '')}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def _wait_start(folder: Path, key: str, deadline_s: float = START_WAIT_S) -> int:
+    """Tasks 1+: the start count task 0 recorded for this start."""
+    end = time.monotonic() + deadline_s
+    while True:
+        n = read_start(folder, key)
+        if n is not None:
+            return n
+        if time.monotonic() > end:
+            raise MedArtError(f"Task 0 of this Slurm job did not record its start in {folder} within "
+                              f"{deadline_s:.0f} s; its Slurm log (task 0) says why.")
+        time.sleep(0.2)
 
 
 def _redirect_output(log_path: str) -> None:
@@ -63,14 +115,29 @@ class RemoteAttempt(Checkpointable):
         ws = Workspace.open(ws_root)
         folder = attempt_dir(ws, job_id, attempt)
         job = read_job_file(folder)
-        starts = count_start(folder)
-        _redirect_output(job.log_path)
+        rank, world = slurm_task()
+        parallel = world > 1 and job.kind in DATA_PARALLEL_KINDS
+        key = _start_key()
+        if rank == 0:
+            starts = count_start(folder, key)
+            _redirect_output(job.log_path)
+        elif not parallel:     # a kind that runs on one task: the others have nothing to do
+            print(f"[jobs] Slurm task {rank} of {world}: {job.kind} runs on task 0 alone", flush=True)
+            return {"job": job_id, "attempt": attempt, "rc": 0, "rank": rank}
+        else:
+            starts = _wait_start(folder, key)
+        if parallel:
+            where = export_torch_distributed()
+            print(f"[jobs] Slurm task {rank} of {world}: data parallel over {world} processes "
+                  f"(torch distributed at {where}, local rank {os.environ.get('LOCAL_RANK')})", flush=True)
         if starts > 1:         # requeued by Slurm: continue where the last start reported
             rep = read_remote(folder)
             job.progress_info = dict(rep.info or job.progress_info)
             job.progress = float(rep.progress if rep.progress is not None else job.progress)
             print(f"[jobs] Slurm started attempt {attempt} again (start {starts}); continuing", flush=True)
-        ctx = JobContext(FileChannel(folder), job, ws=ws)
+        ctx = JobContext(FileChannel(folder) if rank == 0 else FollowerChannel(folder), job, ws=ws)
+        if parallel and rank == 0:
+            ctx.set_info(world_size=world)
         ctx.restarted = starts > 1
         self._ctx = ctx
         rc: dict[str, int] = {}
@@ -90,7 +157,7 @@ class RemoteAttempt(Checkpointable):
         self._worker.start()
         while self._worker.is_alive():
             self._worker.join(0.2)     # short joins: signal handlers run on this (main) thread
-        return {"job": job_id, "attempt": attempt, "rc": rc.get("rc", 1)}
+        return {"job": job_id, "attempt": attempt, "rc": rc.get("rc", 1), "rank": rank}
 
     def checkpoint(self, ws_root: str, job_id: str, attempt: int) -> DelayedSubmission | None:  # type: ignore[override]
         """Called by submitit on USR2 (time limit near, or preemption): checkpoint, then requeue this attempt."""
