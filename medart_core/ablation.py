@@ -425,40 +425,69 @@ def _save_strip(path: Path, fake: "torch.Tensor", owner: list[int], real_pixels:
     return str(path)
 
 
-def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Callable[[str], None] = print,
-                 progress: Callable[[int, int], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
-    """Every (row, seed) cell of ``preset`` not already done, then the table (``table.json``, ``table.md``
-    in :func:`ablation_dir`). Returns the table, or None when stopped (finished cells are kept)."""
-    import torch
-
-    t0 = time.perf_counter()
+def start_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Callable[[str], None] = print
+                   ) -> tuple[str, list[AblationRow], Scoring, list[tuple[AblationRow, int]]]:
+    """What every cell needs, made once: the ablation folder and ``preset.json``, the fine-tuning set, the
+    scoring (extractors and real features, cached on disk) and the cells in table order. Returns
+    (dataset, rows, scoring, cells)."""
     out = ablation_dir(ws, preset)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "preset.json", preset.to_json())
     dataset = prepare_dataset(ws, store, log=log)
     rows = [r for r in ROWS if r.name in preset.rows]
     scoring = prepare_scoring(ws, store, preset, rows, log=log)
-    cells = [(r, s) for r in rows for s in preset.seeds]
-    threads = torch.get_num_threads()
-    log(f"ablation {out.name}: {len(rows)} rows x {len(preset.seeds)} seeds, {preset.steps} steps each, "
-        f"{scoring.n_real} real images, {threads} threads")
-    for k, (row, seed) in enumerate(cells):
-        path = out / "cells" / f"{cell_name(row.name, seed)}.json"
-        if progress is not None:
-            progress(k, len(cells))
-        if path.is_file():
-            continue
-        if should_stop():
-            return None
-        info = run_cell(ws, store, preset, row, seed, scoring, dataset=dataset, log=log, should_stop=should_stop)
-        if info is None:
-            return None
-        atomic_write_text(path, json.dumps(info, indent=1, sort_keys=True))
-    if progress is not None:
-        progress(len(cells), len(cells))
-    results = [json.loads((out / "cells" / f"{cell_name(r.name, s)}.json").read_text(encoding="utf-8"))
-               for r, s in cells]
+    return dataset, rows, scoring, [(r, s) for r in rows for s in preset.seeds]
+
+
+# What differs between any two runs of one cell (wall times; the ids and profiles, with their creation times,
+# of the evaluations it saved): kept beside the cell, in <ablation>/provenance/, so that the cell file itself
+# is the same bytes whoever runs it with the same seeds (here or as a Slurm array task).
+PROVENANCE_KEYS = ("train_s", "eval_s", "evaluations", "profiles")
+
+
+def cell_path(ws: Workspace, preset: AblationPreset, row: str, seed: int) -> Path:
+    """``<ablation>/cells/<row>-s<seed>.json``: one finished cell's figures (its presence means done)."""
+    return ablation_dir(ws, preset) / "cells" / f"{cell_name(row, seed)}.json"
+
+
+def provenance_path(ws: Workspace, preset: AblationPreset, row: str, seed: int) -> Path:
+    """``<ablation>/provenance/<row>-s<seed>.json``: the cell's :data:`PROVENANCE_KEYS`."""
+    return ablation_dir(ws, preset) / "provenance" / f"{cell_name(row, seed)}.json"
+
+
+def read_cell(ws: Workspace, preset: AblationPreset, row: str, seed: int) -> dict[str, Any]:
+    """A finished cell with its provenance (a cell of an older version holds both in one file)."""
+    cell = json.loads(cell_path(ws, preset, row, seed).read_text(encoding="utf-8"))
+    prov = provenance_path(ws, preset, row, seed)
+    if prov.is_file():
+        cell.update(json.loads(prov.read_text(encoding="utf-8")))
+    return cell
+
+
+def run_cell_to_file(ws: Workspace, store: Any, preset: AblationPreset, row: AblationRow, seed: int,
+                     scoring: Scoring, *, dataset: str, log: Callable[[str], None] = print,
+                     should_stop: Callable[[], bool] = lambda: False) -> Path | None:
+    """:func:`run_cell` and its JSON written atomically to :func:`cell_path` (the one writer of cell files,
+    on this machine or in a Slurm array task); None when stopped midway."""
+    info = run_cell(ws, store, preset, row, seed, scoring, dataset=dataset, log=log, should_stop=should_stop)
+    if info is None:
+        return None
+    out = ablation_dir(ws, preset)
+    prov = {k: info.pop(k) for k in PROVENANCE_KEYS if k in info}
+    info["sample_grid"] = Path(info["sample_grid"]).relative_to(out).as_posix()   # no workspace path
+    prov_path = provenance_path(ws, preset, row.name, seed)
+    prov_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(prov_path, json.dumps(prov, indent=1, sort_keys=True))   # first: a cell file means both
+    path = cell_path(ws, preset, row.name, seed)
+    atomic_write_text(path, json.dumps(info, indent=1, sort_keys=True))
+    return path
+
+
+def merge_table(ws: Workspace, preset: AblationPreset, rows: Sequence[AblationRow], *, absent: dict[str, str],
+                threads: int, t0: float, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The table of the finished cells (``table.json``, ``table.md``): the same merge whoever ran the cells."""
+    out = ablation_dir(ws, preset)
+    results = [read_cell(ws, preset, r.name, s) for r in rows for s in preset.seeds]
     from functools import lru_cache
 
     from .evaluate import compare_paired
@@ -468,12 +497,41 @@ def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Call
         # At least 200 replicates: a verdict's percentile interval needs them, whatever the FD CI used.
         return compare_paired(ws, worse, better, n_boot=max(200, preset.n_boot))
 
-    table = make_table(preset, rows, results, absent=scoring.absent, threads=threads,
+    table = make_table(preset, rows, results, absent=absent, threads=threads,
                        wall_s=round(time.perf_counter() - t0, 1), paired=paired)
     atomic_write_text(out / "table.json", json.dumps(table, indent=1, sort_keys=True))
     atomic_write_text(out / "table.md", format_table(table))
     log(f"table: {out / 'table.md'}")
     return table
+
+
+def run_ablation(ws: Workspace, store: Any, preset: AblationPreset, *, log: Callable[[str], None] = print,
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+    """Every (row, seed) cell of ``preset`` not already done, then the table (``table.json``, ``table.md``
+    in :func:`ablation_dir`). Returns the table, or None when stopped (finished cells are kept). On a Slurm
+    executor the ablation job runs the cells as a job array instead (:func:`medart_core.fanout.run_ablation_array`),
+    through the same :func:`run_cell_to_file` and :func:`merge_table`."""
+    import torch
+
+    t0 = time.perf_counter()
+    dataset, rows, scoring, cells = start_ablation(ws, store, preset, log=log)
+    threads = torch.get_num_threads()
+    log(f"ablation {ablation_dir(ws, preset).name}: {len(rows)} rows x {len(preset.seeds)} seeds, {preset.steps} "
+        f"steps each, {scoring.n_real} real images, {threads} threads")
+    for k, (row, seed) in enumerate(cells):
+        if progress is not None:
+            progress(k, len(cells))
+        if cell_path(ws, preset, row.name, seed).is_file():
+            continue
+        if should_stop():
+            return None
+        if run_cell_to_file(ws, store, preset, row, seed, scoring, dataset=dataset, log=log,
+                            should_stop=should_stop) is None:
+            return None
+    if progress is not None:
+        progress(len(cells), len(cells))
+    return merge_table(ws, preset, rows, absent=scoring.absent, threads=threads, t0=t0, log=log)
 
 
 # =========================================================================================================
@@ -702,7 +760,7 @@ def overview_image(strips: Sequence[tuple[str, str]], *, label_width: int = 180)
 # =========================================================================================================
 # As a job (the `ablation` command is in medart_core/commands/ablation.py)
 # =========================================================================================================
-def _preset_from_config(config: dict[str, Any]) -> AblationPreset:
+def preset_from_config(config: dict[str, Any]) -> AblationPreset:
     unknown = sorted(set(config) - {"preset", "overrides"})
     if unknown:
         raise ConfigError(f"Unknown ablation job keys {unknown}; use 'preset' and 'overrides'.")
@@ -714,15 +772,16 @@ def _preset_from_config(config: dict[str, Any]) -> AblationPreset:
 
 def prepare_ablation_job(ws: Workspace, config: dict[str, Any]) -> tuple[dict[str, Any], None]:
     """Validate an ``ablation`` job's config at submit time: {"preset": name, "overrides": {field: value}}."""
-    _preset_from_config(config)
+    preset_from_config(config)
     return {"preset": config.get("preset") or "mini", "overrides": dict(config.get("overrides") or {})}, None
 
 
 def run_ablation_job(ctx: Any) -> dict[str, Any]:
-    """The ``ablation`` job kind; a resumed job skips the cells already done."""
+    """The ``ablation`` job kind; a resumed job skips the cells already done. On a Slurm executor the job
+    runs :func:`medart_core.fanout.run_ablation_job_array` instead (one array task per cell)."""
     from .captions import CaptionStore
 
-    preset = _preset_from_config(ctx.config)
+    preset = preset_from_config(ctx.config)
     store = CaptionStore.for_workspace(ctx.ws)
     try:
         table = run_ablation(ctx.ws, store, preset, log=ctx.log, should_stop=ctx.should_stop,
@@ -736,5 +795,6 @@ def run_ablation_job(ctx: Any) -> dict[str, Any]:
 
 __all__ = ["AblationPreset", "AblationRow", "PRESETS", "ROWS", "colour_shift", "measured_caption",
            "prepare_dataset", "eval_spec", "prepare_scoring", "score_cell", "run_ablation", "run_cell",
+           "start_ablation", "cell_path", "provenance_path", "read_cell", "PROVENANCE_KEYS", "run_cell_to_file", "merge_table", "preset_from_config",
            "make_table", "format_table", "effects", "mean_ci",
            "ablation_dir", "run_ablation_job", "prepare_ablation_job", "list_ablations", "load_ablation", "overview_image"]

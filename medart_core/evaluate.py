@@ -789,7 +789,8 @@ def format_blind_results(res: dict[str, Any]) -> str:
 
 # ---- as a job -----------------------------------------------------------------------------------------------
 def run_evaluate_job(ctx: Any) -> dict[str, Any]:
-    """The ``evaluate`` job kind: config {"spec": EvalSpec fields, "checkpoints": [...], "backbone": ...}."""
+    """The ``evaluate`` job kind: config {"spec": EvalSpec fields, "checkpoints": [...], "backbone": ...}. On a
+    Slurm executor the job runs :func:`medart_core.fanout.run_evaluate_job_array` instead."""
     from .captions import CaptionStore
 
     spec = EvalSpec(**ctx.config.get("spec", {}))

@@ -672,9 +672,14 @@ class Generator:
                 return decode(bb.vae, lat).float()
 
     def generate(self, request: GenerationRequest, *, progress: Progress | None = None,
-                 out_dir: str | os.PathLike | None = None) -> list[GeneratedImage]:
+                 out_dir: str | os.PathLike | None = None,
+                 part: tuple[int, int] | None = None) -> list[GeneratedImage]:
         """Sample every image of ``request``, save PNG + sidecar for each, return them in request order
-        (prompt by prompt, ``n`` each)."""
+        (prompt by prompt, ``n`` each). ``part=(a, b)``: only the DiT batches a..b-1 of the request (one shard
+        of a job array, :mod:`medart_core.fanout`; it needs ``request.seed``), numbered as in the whole run,
+        so the shards of one request together write exactly the files one run writes."""
+        if part is not None and request.seed is None:
+            raise ConfigError("A part of a generation needs the request's seed (each part must use the same one).")
         with self.lock:
             ck = self.use(request.checkpoint, request.strength)
             seed = request.seed if request.seed is not None else secrets.randbelow(2 ** 31)
@@ -683,6 +688,10 @@ class Generator:
                      if (w := truncation_warning(self.backbone.tokenizer, p, i + 1, self.tokenizer_name))}
             items = [(i, k, p, seed + k) for i, p in enumerate(request.prompts) for k in range(request.n)]
             chunks = [items[j: j + request.batch_size] for j in range(0, len(items), request.batch_size)]
+            first = 0
+            if part is not None:
+                first = part[0] * request.batch_size
+                chunks = chunks[part[0]: part[1]]
             folder = Path(out_dir) if out_dir else self.ws.samples_dir / new_batch_id()
             folder.mkdir(parents=True, exist_ok=True)
             total, done = len(chunks) * request.steps, [0]
@@ -704,7 +713,7 @@ class Generator:
                     settings = dict(common, prompt=prompt, prompt_number=i + 1, index=k, seed=s,
                                     batch={"prompts": prompts, "seeds": seeds, "position": pos},
                                     warnings=[warns[i]] if i in warns else [])
-                    out.append(self._save(folder, len(out), img, settings))
+                    out.append(self._save(folder, first + len(out), img, settings))
             fsync_dir(folder)
             return out
 

@@ -5,7 +5,8 @@ machinery never imports a stage).
 Each entry names ``"module:function"`` strings: ``run`` (runs in the job process), ``prepare`` (validates
 the config at submit), and optional hooks: ``resume_hint(job) -> str`` (the clause an ``interrupted``
 job's message ends with), ``add_submit_arguments(parser)`` and ``submit_config(args) -> dict`` (a
-``jobs submit KIND`` sub-command, with ``submit_help``).
+``jobs submit KIND`` sub-command, with ``submit_help``); ``fans_out`` (run instead of ``run`` on a Slurm
+executor: a local coordinator of a Slurm job array, :mod:`medart_core.fanout`).
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ KINDS: tuple[dict[str, object], ...] = (
      "add_submit_arguments": "medart_core.commands.jobs:add_sleep_arguments",
      "submit_config": "medart_core.commands.jobs:sleep_config"},
     {"name": "evaluate", "run": "medart_core.evaluate:run_evaluate_job", "uses_gpu": True,
-     "prepare": "medart_core.evaluate:prepare_evaluate_job"},
+     "prepare": "medart_core.evaluate:prepare_evaluate_job",
+     "fans_out": "medart_core.fanout:run_evaluate_job_array"},
     {"name": "generate", "run": "medart_core.generate:run_generate_job", "uses_gpu": True,
-     "prepare": "medart_core.generate:prepare_generate_job"},
+     "prepare": "medart_core.generate:prepare_generate_job",
+     "fans_out": "medart_core.fanout:run_generate_job_array"},
     {"name": "ablation", "run": "medart_core.ablation:run_ablation_job", "uses_gpu": True,
-     "prepare": "medart_core.ablation:prepare_ablation_job"},
+     "prepare": "medart_core.ablation:prepare_ablation_job",
+     "fans_out": "medart_core.fanout:run_ablation_job_array"},
 )
 
 # Targets that job rows written by older versions store (``jobs.target``): a resumed attempt of such a row

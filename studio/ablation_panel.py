@@ -1,7 +1,8 @@
 """The Compare tab's "Ablation" panel: the paper's ablation in miniature (``medart_core.ablation``), run as an
 ``ablation`` job (on the "Run on" executor) and read back from the workspace — the table with its verdicts and
-each cell's sample strip (real images above generated ones). The library does the work; this module only lays
-it out.
+each cell's sample strip (real images above generated ones). On a Slurm executor the job runs one array task
+per cell (``medart_core.fanout``) and its status line counts them ("cells: 2 pending · 1 running · 3 done").
+The library does the work; this module only lays it out.
 """
 # No ``from __future__ import annotations``: Gradio inspects the real ``gr.Request`` annotation.
 from typing import Any

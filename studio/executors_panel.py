@@ -23,7 +23,8 @@ from .errors import user_errors
 
 RUN_ON_LABEL = "Run on"
 RUN_ON_INFO = "local: this machine; a Slurm executor: its cluster (an admin adds them in the Users tab)"
-COLUMNS = ["name", "kind", "partition", "gpus/node", "cpus/task", "mem GB", "time", "setup", "added by", "added"]
+COLUMNS = ["name", "kind", "partition", "gpus/node", "cpus/task", "mem GB", "time", "setup", "added by", "added",
+           "nodes x tasks/node", "account", "qos"]
 
 
 # =========================================================================================================
@@ -68,12 +69,18 @@ def executor_rows(ctx: StudioContext) -> list[list[str]]:
     def row(s: ExecutorSpec) -> list[str]:
         st = s.settings
         if st is None:
-            return [s.name, s.kind, "", "", "", "", "", "", "(built in: this machine)", ""]
+            return [s.name, s.kind, "", "", "", "", "", "", "(built in: this machine)", "", "", "", ""]
         return [s.name, s.kind, st.partition or "(default)", str(st.gpus_per_node), str(st.cpus_per_task),
                 f"{st.mem_gb:g}" if st.mem_gb else "(default)", st.time, " && ".join(st.setup),
-                s.created_by or "", s.created_at]
+                s.created_by or "", s.created_at, f"{st.nodes} x {st.tasks_per_node}", st.account or "(default)",
+                st.qos or "(default)"]
 
     return [row(s) for s in list_executors(ctx.ws)]
+
+
+def _count(value: Any) -> int:
+    """A count from the form: empty means 1; 0 or less stays as typed (the library says what is wrong)."""
+    return 1 if value is None or value == "" else int(value)
 
 
 def _setup_lines(text: str | None) -> list[str]:
@@ -82,12 +89,16 @@ def _setup_lines(text: str | None) -> list[str]:
 
 def add_slurm_executor(ctx: StudioContext, request: Any, name: str | None, partition: str | None = "",
                        gpus_per_node: Any = 0, cpus_per_task: Any = 1, mem_gb: Any = 0, time: str | None = "",
-                       setup: str | None = "", replace: bool = False) -> ExecutorSpec:
-    """Add (admin only) a Slurm executor; ``setup`` holds one shell command per line."""
+                       setup: str | None = "", replace: bool = False, nodes: Any = 1, tasks_per_node: Any = 1,
+                       account: str | None = "", qos: str | None = "") -> ExecutorSpec:
+    """Add (admin only) a Slurm executor; ``setup`` holds one shell command per line; ``nodes`` x
+    ``tasks_per_node`` are a train job's data-parallel ranks (as ``executors add`` has them)."""
     _check_role(ctx, request, ADMIN)
     settings: dict[str, Any] = {"partition": (partition or "").strip(), "gpus_per_node": int(gpus_per_node or 0),
                                 "cpus_per_task": int(cpus_per_task or 1), "mem_gb": float(mem_gb or 0),
-                                "setup": _setup_lines(setup)}
+                                "setup": _setup_lines(setup), "nodes": _count(nodes),
+                                "tasks_per_node": _count(tasks_per_node), "account": (account or "").strip(),
+                                "qos": (qos or "").strip()}
     if (time or "").strip():
         settings["time"] = time.strip()
     by = ctx.access.user_of(request if request is not None else current_request()) or "studio"
@@ -128,6 +139,12 @@ def build_executors_panel(ctx: StudioContext) -> dict[str, Any]:
         c["cpus"] = gr.Number(1, precision=0, minimum=1, label="CPUs per task", elem_id="executors-cpus")
         c["mem"] = gr.Number(0, minimum=0, label="Memory GB (0: partition default)", elem_id="executors-mem")
         c["replace"] = gr.Checkbox(False, label="Replace an existing one")
+    with gr.Row():
+        c["nodes"] = gr.Number(1, precision=0, minimum=1, label="Nodes per job", elem_id="executors-nodes")
+        c["tasks"] = gr.Number(1, precision=0, minimum=1, label="Tasks per node (a train job: one data-parallel "
+                                                                 "rank each)", elem_id="executors-tasks")
+        c["account"] = gr.Textbox(label="Account (empty: default)", elem_id="executors-account")
+        c["qos"] = gr.Textbox(label="QoS (empty: default)", elem_id="executors-qos")
     c["setup"] = gr.Textbox(label="Setup commands on the node, one per line (module load …, source "
                                   "venv/bin/activate)", lines=2, elem_id="executors-setup")
     with gr.Row():
@@ -145,8 +162,10 @@ def _listen(ctx: StudioContext, c: dict[str, Any]) -> None:
         return executor_rows(ctx)
 
     @user_errors
-    def on_add(request: gr.Request, name, partition, gpus, cpus, mem, time, setup, replace):
-        spec = add_slurm_executor(ctx, request, name, partition, gpus, cpus, mem, time, setup, replace)
+    def on_add(request: gr.Request, name, partition, gpus, cpus, mem, time, setup, replace, nodes, tasks, account,
+               qos):
+        spec = add_slurm_executor(ctx, request, name, partition, gpus, cpus, mem, time, setup, replace, nodes, tasks,
+                                  account, qos)
         return executor_rows(ctx), (f"Added **{spec.name}** (Slurm). Press **Check** to try it: the probe job "
                                     "shows whether the nodes see this workspace.")
 
@@ -161,7 +180,8 @@ def _listen(ctx: StudioContext, c: dict[str, Any]) -> None:
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_list, None, c["table"], api_name="executors_list", show_progress="hidden")
-    fields = [c[k] for k in ("name", "partition", "gpus", "cpus", "mem", "time", "setup", "replace")]
+    fields = [c[k] for k in ("name", "partition", "gpus", "cpus", "mem", "time", "setup", "replace", "nodes", "tasks",
+                             "account", "qos")]
     c["add"].click(on_add, fields, [c["table"], c["notice"]], api_name="executors_add")
     c["remove"].click(on_remove, c["name"], [c["table"], c["notice"]], api_name="executors_remove")
     # The probe waits on the cluster (up to a minute or so): one at a time.

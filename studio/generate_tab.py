@@ -3,8 +3,10 @@ checkpoint, with the seed shown, every image a lossless PNG with a sidecar; reus
 
 The work is ``medart_core.generate``: one shared :class:`~medart_core.generate.Generator` per backbone keeps
 the base model resident and swaps adapters, so switching checkpoints here costs an adapter load, not a model
-load. A few images are sampled inside the handler with ``gr.Progress``; big grids belong in a ``generate``
-job. Handlers are plain functions of ``(ctx, inputs)`` so tests call them directly; every one is wrapped in
+load. A few images are sampled inside the handler with ``gr.Progress``; big grids go to a ``generate`` job
+("Generate as a job", the same form values) on the "Run on" executor (this machine's supervisor or a Slurm
+cluster; a trainer may pick any), followed by the shared :class:`~studio.job_panel.JobPanel`, whose images fill
+the gallery once the job is done. Handlers are plain functions of ``(ctx, inputs)`` so tests call them directly; every one is wrapped in
 ``studio.errors.user_errors`` (a library error becomes a ``gr.Error`` message, not a traceback).
 """
 from __future__ import annotations
@@ -18,14 +20,22 @@ import gradio as gr
 from medart_core import generate as G
 from medart_core.constants import MAX_TOKENS, RANDOM_LABEL
 from medart_core.errors import MedArtError
+from medart_core.executors import LOCAL
+from medart_core.jobs import DONE, Job
 from medart_core.spaces import gpu_call
 
 from .context import StudioContext
 from .errors import user_errors
+from .executors_panel import chosen_executor, run_on_dropdown, run_on_update
 from .forms import as_tuple, bind, inputs_of
+from .job_panel import JobPanel, only
+from .render import esc
 
 MAX_PROMPTS = 16          # lines of the prompt box sampled in one click (each line is a prompt)
 MAX_IMAGES = 64           # per click; more is a job
+MAX_JOB_PROMPTS = 256     # prompt lines of one generate job
+MAX_JOB_IMAGES = 4096     # images of one generate job
+JOB_LOG_LINES = 12
 RECENT = 40               # past images offered for "reuse these settings"
 # The generation form: run_generate's parameters, in their order (also the API's inputs of /generate).
 FORM_FIELDS = ["prompt", "negative", "checkpoint", "strength", "steps", "guidance", "seed", "random_seed", "n",
@@ -130,20 +140,30 @@ def _generate(ws: Any, backbone: str, req: Any, progress: Any) -> Any:
 _generate_on_gpu = gpu_call(_generate, duration=120)
 
 
+def build_request(prompt: str, negative: str, checkpoint: str, strength: float, steps: int, guidance: float,
+                  seed: int | float | None, random_seed: bool, n: int, resolution: int | float | None, *,
+                  job: bool = False) -> G.GenerationRequest:
+    """The form's values as a generation request; ``job``: the limits of a generate job, not of one click."""
+    prompts = split_prompts(prompt)
+    if not prompts:
+        raise gr.Error("Type a prompt (one per line for several), or pick a class caption below.")
+    if job and (len(prompts) > MAX_JOB_PROMPTS or len(prompts) * int(n) > MAX_JOB_IMAGES):
+        raise gr.Error(f"At most {MAX_JOB_PROMPTS} prompts and {MAX_JOB_IMAGES} images per generate job; split "
+                       "the prompts over several jobs.")
+    if not job and (len(prompts) > MAX_PROMPTS or len(prompts) * int(n) > MAX_IMAGES):
+        raise gr.Error(f"At most {MAX_PROMPTS} prompts and {MAX_IMAGES} images per click; use \"Generate as a job\" "
+                       "for bigger grids.")
+    return G.GenerationRequest(prompts=prompts, negative=negative or "", checkpoint=checkpoint or G.BASE,
+                               strength=float(strength), steps=int(steps), guidance=float(guidance),
+                               seed=None if random_seed or seed is None else int(seed), n=int(n),
+                               resolution=int(resolution) if resolution else None)
+
+
 def run_generate(ctx: StudioContext, prompt: str, negative: str, checkpoint: str, strength: float, steps: int,
                  guidance: float, seed: int | float | None, random_seed: bool, n: int, resolution: int | float | None,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generate ``n`` images per prompt line; returns gallery items, the summary, the seed used, details."""
-    prompts = split_prompts(prompt)
-    if not prompts:
-        raise gr.Error("Type a prompt (one per line for several), or pick a class caption below.")
-    if len(prompts) > MAX_PROMPTS or len(prompts) * int(n) > MAX_IMAGES:
-        raise gr.Error(f"At most {MAX_PROMPTS} prompts and {MAX_IMAGES} images per click; submit a generate job "
-                       "for bigger grids.")
-    req = G.GenerationRequest(prompts=prompts, negative=negative or "", checkpoint=checkpoint or G.BASE,
-                              strength=float(strength), steps=int(steps), guidance=float(guidance),
-                              seed=None if random_seed or seed is None else int(seed), n=int(n),
-                              resolution=int(resolution) if resolution else None)
+    req = build_request(prompt, negative, checkpoint, strength, steps, guidance, seed, random_seed, n, resolution)
     imgs = _generate_on_gpu(ctx.ws, ctx.backbone_spec, req, progress)
     return {"gallery": _gallery(imgs), "summary": _summary(imgs, "Generated"),
             "seed": imgs[0].settings["request_seed"], "details": _details(imgs)}
@@ -179,6 +199,50 @@ def run_regenerate(ctx: StudioContext, sidecar: str | None) -> dict[str, Any]:
     s = G.read_sidecar(sidecar)
     img = G.get_generator(ctx.ws, s["backbone"], G.sidecar_precision(s)).regenerate(sidecar)   # its precision
     return {"gallery": _gallery([img]), "summary": _summary([img], "Regenerated"), "details": _details([img])}
+
+
+# ---- a batch as a ``generate`` job, on the "Run on" executor ------------------------------------------------
+def submit_generate_job(ctx: StudioContext, owner: str | None, form: dict[str, Any], executor: str = LOCAL) -> Job:
+    """Submit the form (FORM_FIELDS -> value) as a ``generate`` job on ``executor``, with the tab's backbone
+    (what a click would use); validated at submit (an unknown checkpoint fails here, not in the queue)."""
+    req = build_request(**form, job=True)
+    return ctx.executor.submit("generate", {"request": req.to_dict(), "backbone": ctx.backbone_spec}, owner=owner,
+                               executor=executor)
+
+
+def job_images(ctx: StudioContext, job: Job | None) -> list[G.GeneratedImage]:
+    """The images a finished generate job saved (read from their sidecars; only the workspace's samples)."""
+    if job is None or job.state != DONE:
+        return []
+    root = Path(ctx.ws.samples_dir).resolve()
+    out = []
+    for path in (job.result or {}).get("images") or []:
+        p = Path(path).resolve()
+        if root not in p.parents:
+            continue
+        try:
+            out.append(G._image_from(p, p.with_suffix(".json"), G.read_sidecar(p)))
+        except (MedArtError, KeyError, ValueError):
+            continue
+    return out
+
+
+def describe_generate_job(job: Job) -> str:
+    """The status line: ``id — state · step · ETA`` with where it runs, the images once done, a failure's reason."""
+    text = f"<b>{esc(job.id)}</b> — {esc(job.progress_text())}"
+    if job.executor and job.executor != LOCAL and job.executor not in job.progress_text():
+        text += f" · on {esc(job.executor)}"
+    if job.state == DONE:
+        n = len((job.result or {}).get("images") or [])
+        text += f" — {n} image(s) in <code>{esc((job.result or {}).get('folder') or '')}</code>, shown above"
+    elif job.is_final:
+        text += f" — {esc(job.error or job.state)}"
+    return text
+
+
+def generate_job_panel(ctx: StudioContext) -> JobPanel:
+    return JobPanel(ctx, kind="generate", api="generate_job", describe=describe_generate_job,
+                    log_lines=JOB_LOG_LINES)
 
 
 # ---- events: what Gradio calls, as functions of (ctx, inputs); the form arrives as {field: value} ------------
@@ -308,10 +372,26 @@ def layout(ctx: StudioContext) -> dict[str, Any]:
             _class_prompts(c)
             _settings(c)
             c["go"] = gr.Button("Generate", variant="primary")
+            _job(c, generate_job_panel(ctx))
         with gr.Column(scale=4):
             _results(c, ctx.backbone_is_random)
     c["form"] = {k: c[k] for k in FORM_FIELDS}
     return c
+
+
+def _job(c: dict[str, Any], panel: JobPanel) -> None:
+    """"Generate as a job" on the Run-on executor, and the job's panel (status, Stop, log)."""
+    c["job_panel"] = panel
+    with gr.Accordion("A batch as a job (this machine's queue or a Slurm cluster)", open=False):
+        with gr.Row():
+            c["run_on"] = run_on_dropdown("gen-run-on", scale=2)
+            c["go_job"] = gr.Button("Generate as a job", elem_id="gen-job-run", scale=1)
+            c["job_stop"] = panel.render_stop(elem_id="gen-job-stop", scale=0)
+        with gr.Row():
+            c["job"] = panel.render_job(scale=1, elem_id="gen-job")
+            c["job_status"] = panel.render_status(elem_id="gen-job-status", padding=False)
+        c["job_log"] = panel.render_log(elem_id="gen-job-log")
+        panel.render_timer()
 
 
 # ---- wiring -------------------------------------------------------------------------------------------------
@@ -340,10 +420,45 @@ def listen(ctx: StudioContext, c: dict[str, Any]) -> None:
                                   api_name="generate_checkpoints", queue=False)
     c["recent_refresh"].click(bind(ctx, refresh_recent), None, recent, api_name="generate_recent", queue=False)
     _listen_class_prompts(ctx, c)
+    _listen_job(ctx, c)
     root = gr.context.Context.root_block
     if root is not None:
         root.load(bind(ctx, on_load), c["checkpoint"], [c["dataset"], c["checkpoint"], recent, c["tokens"]],
                   api_name="generate_load", show_progress="hidden")
+
+
+def job_show(ctx: StudioContext, c: dict[str, Any], job_id: str | None) -> dict[Any, Any]:
+    """The panel's view of the job and, once it is done, its images in the gallery (summary, details)."""
+    panel: JobPanel = c["job_panel"]
+    v = panel.view(job_id)
+    out = panel.updates(v)
+    imgs = job_images(ctx, v.job)
+    if imgs:
+        out.update({c["gallery"]: _gallery(imgs), c["summary"]: _summary(imgs, "Generated (job)"),
+                    c["details"]: _details(imgs)})
+    return out
+
+
+def _listen_job(ctx: StudioContext, c: dict[str, Any]) -> None:
+    panel: JobPanel = c["job_panel"]
+    form = c["form"]
+    outs = [*panel.outputs, c["gallery"], c["summary"], c["details"]]
+
+    # "Run on" is the last input (an API client may leave it out: local).
+    @user_errors
+    def on_job(request: gr.Request, *values: Any) -> dict[Any, Any]:
+        *vals, where = values if len(values) > len(form) else (*values, LOCAL)
+        job = submit_generate_job(ctx, ctx.reviewer_for(request, None), dict(zip(form, vals)),
+                                  chosen_executor(ctx, request, where))
+        return only(panel.updates(panel.view(job)), panel.outputs)
+
+    c["go_job"].click(on_job, [*inputs_of(form), c["run_on"]], panel.outputs, api_name="generate_job_run",
+                      concurrency_limit=4)
+    panel.listen(lambda job_id: job_show(ctx, c, job_id), outputs=outs)
+    root = gr.context.Context.root_block
+    if root is not None:   # the executors with the page (the tab's trainer role), never at build time
+        root.load(user_errors(lambda cur: run_on_update(ctx, cur)), c["run_on"], c["run_on"],
+                  api_name="generate_executors", show_progress="hidden")
 
 
 def build_generate_tab(ctx: StudioContext) -> dict[str, Any]:

@@ -204,7 +204,8 @@ def test_a_cell_is_an_evaluation_the_compare_tab_reproduces(ws, store):
 
     p = A.get_preset("smoke", rows=("hldf",))
     A.run_ablation(ws, store, p, log=lambda m: None)
-    cell = json.loads((A.ablation_dir(ws, p) / "cells" / "hldf-s0.json").read_text(encoding="utf-8"))
+    cell = A.read_cell(ws, p, "hldf", 0)        # the figures and their provenance (ids, profiles)
+    assert not set(A.PROVENANCE_KEYS) & set(json.loads(A.cell_path(ws, p, "hldf", 0).read_text(encoding="utf-8")))
     assert cell["checkpoint"] == A.run_name(p, "hldf", 0)
     profile = cell["profiles"]["domain"]
     saved = {r.id: r for r in E.load_results(ws)}[cell["evaluations"]["domain"]]

@@ -44,6 +44,15 @@ def test_admin_adds_checks_and_removes_a_trainer_is_refused(ctx):
     assert [r[0] for r in rows] == ["local", "gpu"]
     assert rows[1][1:8] == ["slurm", "debug", "1", "4", "16", "02:00:00",
                             "module load cuda && source venv/bin/activate"] and rows[1][8] == "ada"
+    assert rows[1][10:] == ["1 x 1", "(default)", "(default)"]
+    # Data-parallel size, account and QoS, as `executors add` has them
+    add_slurm_executor(ctx, _as("ada"), "gpu4", "debug", 4, 8, 0, "", "", False, 2, 4, "lab-a", "normal")
+    s4 = get_executor_spec(ctx.ws, "gpu4").settings
+    assert (s4.nodes, s4.tasks_per_node, s4.account, s4.qos) == (2, 4, "lab-a", "normal")
+    assert executor_rows(ctx)[2][10:] == ["2 x 4", "lab-a", "normal"]
+    with pytest.raises(ConfigError, match="tasks_per_node"):
+        add_slurm_executor(ctx, _as("ada"), "bad", tasks_per_node=0)
+    remove_named_executor(ctx, _as("ada"), "gpu4")
 
     for user in ("tom", "ann", None):
         with pytest.raises(gr.Error, match="admin role|Sign in first"):

@@ -1,6 +1,7 @@
 """``ablation``: the paper's ablation table in miniature on the demo backbone (:mod:`medart_core.ablation`),
 in the foreground or queued as an ``ablation`` job through the Executor (``--job``, or ``--executor NAME`` to
-run that job on a named executor, e.g. a Slurm cluster)."""
+run that job on a named executor; on a Slurm cluster the job coordinates one array task per (row, seed) cell,
+:mod:`medart_core.fanout`)."""
 from __future__ import annotations
 
 import argparse
@@ -67,5 +68,6 @@ def ablation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in the foreground (default 2)")
     p.add_argument("--job", action="store_true", help="queue it as an `ablation` job instead of running it here")
     p.add_argument("--executor", default=None, metavar="NAME",
-                   help="queue it as an `ablation` job on this executor (local or a name from `executors list`)")
+                   help="queue it as an `ablation` job on this executor (local or a name from `executors list`); "
+                        "on a Slurm executor each (row, seed) cell is one task of a Slurm job array")
     p.set_defaults(func=_cmd_ablation)

@@ -9,7 +9,8 @@ from . import add_workspace
 
 
 def _submit_evaluation(ws: object, spec: object, refs: list[str], args: argparse.Namespace) -> int:
-    """``--executor NAME``: queue the same evaluation as an ``evaluate`` job (the studio's Compare form's)."""
+    """``--executor NAME``: queue the same evaluation as an ``evaluate`` job (the studio's Compare form's); on a
+    Slurm executor it runs one array task per checkpoint (:mod:`medart_core.fanout`)."""
     import dataclasses
 
     from ..jobs import LocalExecutor
@@ -93,7 +94,8 @@ def evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     p.add_argument("--executor", default=None, metavar="NAME",
                    help="queue it as an `evaluate` job on this executor (local or a name from `executors list`) "
-                        "instead of running it here")
+                        "instead of running it here; on a Slurm executor each checkpoint is one task of a Slurm job "
+                        "array")
     p.set_defaults(func=_cmd_evaluate)
 
 

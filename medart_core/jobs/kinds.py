@@ -31,6 +31,8 @@ class JobKind:
     add_submit_arguments: Callable[..., Any] | str | None = None   # (parser) -> None
     submit_config: Callable[..., Any] | str | None = None          # (args) -> config dict
     submit_help: str | None = None
+    fans_out: str | None = None     # "module:function" run instead of target on a Slurm executor: a local
+                                    # coordinator of a Slurm job array (§3)
 
     def hook(self, name: str) -> Callable[..., Any] | None:
         """The hook ``name`` as a function (its module imported now), or None when the kind has none."""
@@ -70,7 +72,7 @@ def register_kind(name: str, run_fn: Callable[["JobContext"], dict | None] | str
                   prepare: Prepare | str | None = None, resume_hint: Callable[["Job"], str] | str | None = None,
                   add_submit_arguments: Callable[..., Any] | str | None = None,
                   submit_config: Callable[..., Any] | str | None = None,
-                  submit_help: str | None = None) -> JobKind:
+                  submit_help: str | None = None, fans_out: Callable[..., Any] | str | None = None) -> JobKind:
     """Make ``name`` submittable. ``run_fn(ctx)`` runs in the job process and returns a JSON-able dict
     (``{"status": "stopped"}`` when it stopped early on ``ctx.should_stop()``); it must be a module-level
     function (the job process imports it by name), or its ``"module:function"`` name, which registers a kind
@@ -78,7 +80,9 @@ def register_kind(name: str, run_fn: Callable[["JobContext"], dict | None] | str
     and normalises the config at submit time, in the submitter, so mistakes fail before anything is queued.
     ``resume_hint(job) -> str`` ends the message of an interrupted job (default: "; resume starts a new
     attempt."); ``add_submit_arguments(parser)`` with ``submit_config(args) -> config`` give the kind a
-    ``jobs submit NAME`` command."""
+    ``jobs submit NAME`` command. ``fans_out(ctx)`` (a module-level function or its name): on a Slurm executor the
+    job runs it instead of ``run_fn``, on this machine, as a light coordinator (no accelerator slot) that
+    submits its work as a Slurm job array (``Job.fans_out``)."""
     validate_name(name, "job kind")
     target = _target_name(name, run_fn, "run_fn")
     if isinstance(prepare, str):
@@ -88,7 +92,7 @@ def register_kind(name: str, run_fn: Callable[["JobContext"], dict | None] | str
     if (add_submit_arguments is None) != (submit_config is None):
         raise ConfigError(f"Job kind {name!r}: give add_submit_arguments and submit_config together.")
     kind = JobKind(name, target, bool(uses_gpu), prepare, resume_hint, add_submit_arguments, submit_config,
-                   submit_help)
+                   submit_help, None if fans_out is None else _target_name(name, fans_out, "fans_out"))
     _KINDS[name] = kind
     return kind
 

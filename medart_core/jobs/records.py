@@ -128,7 +128,25 @@ class Job:
     @property
     def is_remote(self) -> bool:
         """Runs under Slurm (a named executor), not as a child of this machine's supervisor."""
-        return self.executor != "local"
+        return self.executor != "local" and not self.fans_out
+
+    @property
+    def fans_out(self) -> bool:
+        """A coordinator (issue 17 §3): a kind registered with ``fans_out`` (ablation, evaluate) on a Slurm
+        executor runs HERE, as a light child of the supervisor without the accelerator slot, and fans its
+        work out as a Slurm job array (:mod:`medart_core.fanout`). An attempt an older version handed
+        to Slurm whole (it has a Slurm id) stays with the Slurm bridge."""
+        if self.executor == "local" or self.remote_id is not None:
+            return False
+        from .kinds import job_kinds
+
+        kind = job_kinds().get(self.kind)
+        return bool(kind is not None and kind.fans_out)
+
+    @property
+    def needs_gpu_slot(self) -> bool:
+        """Takes this machine's accelerator slot: a ``uses_gpu`` kind running here (not a coordinator)."""
+        return self.uses_gpu and not self.fans_out
 
     @property
     def step(self) -> int | None:
@@ -148,10 +166,10 @@ class Job:
     def progress_text(self) -> str:
         """``running · step 12/30 (40%) · ETA 0:41`` - what a progress bar or a list shows."""
         head = self.state
-        if self.is_remote and self.state == QUEUED:
+        if self.executor != "local" and self.state == QUEUED:     # on Slurm, or a coordinator waiting here
             # "queued on gpu-cluster (Slurm: Resources)": why the cluster has not started it yet
             head = f"queued on {self.executor}" + (f" (Slurm: {self.remote_reason})" if self.remote_reason else "")
-        elif self.is_remote and self.state in ACTIVE:
+        elif self.executor != "local" and self.state in ACTIVE:     # on Slurm, or fanning out to it
             head = f"{self.state} on {self.executor}"
         parts = [head + (f" (attempt {self.attempt})" if self.attempt > 1 else "")]
         if self.step is not None:

@@ -206,6 +206,14 @@ def install_stop_signals(ctx: JobContext) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def _fan_out_target(job: Any) -> str | None:
+    if not job.fans_out:
+        return None
+    from .kinds import job_kinds
+
+    return job_kinds()[job.kind].fans_out
+
+
 def execute(ctx: JobContext, *, signals: bool = True) -> int:
     """Run the kind's function under the pulse and write the final record through the context's channel
     (none when a Slurm requeue interrupted it: the same attempt starts again). ``signals``: install the
@@ -219,7 +227,8 @@ def execute(ctx: JobContext, *, signals: bool = True) -> int:
           f"{time.strftime('%Y-%m-%d %H:%M:%S')} =====", flush=True)
     state, error, result, detail = DONE, None, None, {}
     try:
-        fn = resolve_target(job.target)
+        # A fan-out kind on a Slurm executor runs its coordinator here instead (medart_core.fanout)
+        fn = resolve_target(_fan_out_target(job) or job.target)
         result = fn(ctx) or {}
         if not isinstance(result, dict):
             result = {"value": result}

@@ -190,13 +190,13 @@ class Supervisor:
 
     def _schedule(self) -> None:
         active = [j for j in self.ledger.list(states=ACTIVE) if not j.is_remote]
-        gpu = sum(1 for j in active if j.uses_gpu)
+        gpu = sum(1 for j in active if j.needs_gpu_slot)     # a coordinator of a Slurm array takes none
         cpu = len(active) - gpu
         queued = sorted((j for j in self.ledger.list(states=(QUEUED,)) if not j.is_remote),
                         key=lambda j: (j.queued_at, j.id))
         gpu_head_blocked = False
         for job in queued:
-            if job.uses_gpu:
+            if job.needs_gpu_slot:
                 if gpu >= self.gpu_slots or gpu_head_blocked:
                     gpu_head_blocked = True     # first come, first served on the accelerator
                     continue
@@ -207,7 +207,7 @@ class Supervisor:
                 continue
             self.children[job.id] = (proc, job.attempt)
             self.say(f"started {job.id} ({job.kind}) attempt {job.attempt} as pid {proc.pid}")
-            if job.uses_gpu:
+            if job.needs_gpu_slot:
                 gpu += 1
             else:
                 cpu += 1
