@@ -82,6 +82,9 @@ class TrainCallbacks:
     def should_stop(self) -> bool:                                   # checked before every optimiser step
         return False
 
+    def sample_requested(self) -> bool:                             # "Sample now": checked there too
+        return False
+
 
 class _Hooks:
     def __init__(self, callbacks: Any):
@@ -94,6 +97,9 @@ class _Hooks:
 
     def should_stop(self) -> bool:
         return any(bool(r) for r in self.__getattr__("should_stop")())
+
+    def sample_requested(self) -> bool:
+        return any(bool(r) for r in self.__getattr__("sample_requested")())
 
 
 @dataclass
@@ -632,6 +638,11 @@ def fit(run: Run, state: RunState) -> None:
             if _all_ranks_any(env, env.main and run.hooks.should_stop()):
                 state.stopped = True
                 break
+            if _all_ranks_any(env, env.main and run.hooks.sample_requested()):
+                if env.main:    # "Sample now": the validation prompts here, the training untouched
+                    env.log(f"sample now: the validation prompts at step {state.step}, on request")
+                    validate(run, state, requested=True)
+                env.accelerator.wait_for_everyone()
             record = optimizer_step(run, state, order)
             if env.main:
                 run.metrics.write(record)
@@ -699,8 +710,9 @@ def optimizer_step(run: Run, state: RunState, order: list[int]) -> dict[str, Any
     return record
 
 
-def validate(run: Run, state: RunState) -> None:
-    """The validation grid and loss at this step (main process), written to the metrics log."""
+def validate(run: Run, state: RunState, *, requested: bool = False) -> None:
+    """The validation grid and loss at this step (main process), written to the metrics log (``requested``:
+    asked for by "Sample now", outside the schedule; its seeded sampling leaves the training's RNG alone)."""
     avg = run.averages
     if run.cfg.ema.validate_with == "ema" and avg is not None and avg.ema is not None:
         with avg.ema.swap_into(avg.params):   # the raw weights come back bit for bit afterwards
@@ -711,7 +723,8 @@ def validate(run: Run, state: RunState) -> None:
         raise diverged(run, state.step, res.problem)
     state.grids.append(res.grid)
     run.metrics.write({"step": state.step, "epoch": state.epoch, "val_loss": res.loss,
-                       "validation_grid": str(res.grid.relative_to(run.layout.root))})
+                       "validation_grid": str(res.grid.relative_to(run.layout.root)),
+                       **({"requested": True} if requested else {})})
     run.hooks.on_validation(res.grid)
 
 

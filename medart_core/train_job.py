@@ -98,6 +98,12 @@ class _TrainJobCallbacks:
     def should_stop(self) -> bool:
         return self.ctx.should_stop()
 
+    def sample_requested(self) -> bool:
+        """A "Sample now" request (:func:`medart_core.jobs.request_sample`), taken once."""
+        from .jobs import take_sample_request
+
+        return take_sample_request(self.ctx.ws, self.ctx.job.id)
+
 
 def _oom_message(step: int, cfg: Any) -> str:
     """What to change after a CUDA out-of-memory error, naming the step, batch and resolution."""

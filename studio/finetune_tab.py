@@ -22,6 +22,7 @@ from typing import Any
 
 import gradio as gr
 
+from medart_core.errors import ConfigError
 from medart_core.executors import LOCAL
 from medart_core.jobs import ensure_supervisor
 
@@ -113,7 +114,8 @@ def _render_live(c: dict[str, Any], panel: JobPanel) -> None:
     with gr.Row():
         panel.render_stop(elem_id="ft-stop")
         panel.render_resume(elem_id="ft-resume")
-    gr.Markdown("<small>“Sample now” comes with the Generate tab (a `generate` job kind).</small>")
+        # The validation prompts at the job's next step, without stopping it (any executor: a file request)
+        c["sample_btn"] = gr.Button("Sample now", elem_id="ft-sample")
     with gr.Row():
         c["latent_plot"] = gr.LinePlot(x="step", y="loss", color="series", title="Latent loss",
                                        elem_id="ft-latent-plot", height=260)
@@ -284,6 +286,17 @@ def listen_finetune_tab(ctx: StudioContext, c: dict[str, Any], panel: JobPanel) 
 
     # The tick sends what changed (``seen``); Stop re-sends everything, as a selection does.
     panel.listen(show, [c["run_box"], c["seen"]], live, stop_inputs=[c["run_box"]])
+
+    @user_errors
+    def on_sample(job_id: str | None) -> None:
+        """Sample now: the grid arrives with a later tick (Latest validation grid)."""
+        if not job_id:
+            raise ConfigError("No job to sample: launch or select a running training job first.")
+        job = ctx.executor.sample_now(job_id)
+        gr.Info(f"{job.id} renders its validation prompts at its next step and keeps training; the grid "
+                "shows below when it is done.")
+
+    c["sample_btn"].click(on_sample, panel.job, None, api_name="finetune_sample", concurrency_limit=None, **QUIET)
     _listen_runs(ctx, c, panel, live)
 
 

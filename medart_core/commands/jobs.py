@@ -96,6 +96,25 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """``jobs sample ID``: "Sample now" for a running train job (``--wait``: until it took the request)."""
+    from ..jobs import sample_request_path
+
+    ex = _executor(args, start=False)
+    job = ex.sample_now(args.id)
+    path = sample_request_path(ex.ws, args.id)
+    print(f"asked {job.id} to render its validation prompts at its next step (it keeps training)")
+    if args.wait:
+        end = time.monotonic() + args.wait
+        while path.exists():
+            if time.monotonic() > end or ex.get(args.id).is_final:
+                print(f"{job.id} has not taken the request within {args.wait:g} s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print(f"taken: the grid follows in `jobs show {job.id}` (validation_grid) and the run's metrics.jsonl")
+    return 0
+
+
 def _cmd_resume(args: argparse.Namespace) -> int:
     ex = _executor(args, start=not args.no_worker)
     # --executor None: where the last attempt ran
@@ -193,6 +212,13 @@ def jobs(jp: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-worker", action="store_true", help="do not start a supervisor if none runs")
     p.set_defaults(func=_cmd_stop)
+
+    p = jsub.add_parser("sample", help="Sample now: a running train job renders its validation prompts at its "
+                                       "next step, without stopping")
+    p.add_argument("id")
+    add_workspace(p)
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="wait until the job took it")
+    p.set_defaults(func=_cmd_sample)
 
     p = jsub.add_parser("resume", help="queue a new attempt of an interrupted, stopped or failed job")
     p.add_argument("id")

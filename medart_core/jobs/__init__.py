@@ -31,6 +31,7 @@ checkpoint. The ledger must live on a local disk (SQLite WAL needs shared memory
 """
 from __future__ import annotations
 
+from .channel import request_sample, sample_request_path, take_sample_request
 from .executor import Executor, LocalExecutor, wait_for
 from .kinds import _KINDS, JobKind, get_kind, job_kinds, register_kind, resolve_target, resume_hint
 from .ledger import BUSY_TIMEOUT_MS, SCHEMA_VERSION, JobLedger
@@ -76,5 +77,5 @@ __all__ = [
     "JobKind", "register_kind", "job_kinds", "get_kind", "resolve_target", "resume_hint", "_KINDS",
     "JobLedger", "JobContext", "JobFailed", "describe_failure", "is_cuda_oom", "is_host_oom", "run_job_process",
     "Supervisor", "ensure_supervisor", "supervisor_pid", "supervisor_log_path",
-    "Executor", "LocalExecutor", "wait_for", "prepare_sleep", "run_sleep_job",
+    "Executor", "LocalExecutor", "wait_for", "request_sample", "sample_request_path", "take_sample_request", "prepare_sleep", "run_sleep_job",
 ]

@@ -45,6 +45,38 @@ def attempt_dir(ws: Workspace, job_id: str, attempt: int) -> Path:
     return jobs_dir(ws) / validate_name(job_id, "job id") / f"attempt-{int(attempt)}"
 
 
+SAMPLE_FILE = "sample-now"
+
+
+def sample_request_path(ws: Workspace, job_id: str) -> Path:
+    """``W/jobs/<id>/sample-now``: a "Sample now" request, read by the job wherever it runs (the workspace is
+    shared with Slurm's nodes), whichever attempt runs."""
+    return jobs_dir(ws) / validate_name(job_id, "job id") / SAMPLE_FILE
+
+
+def request_sample(ws: Workspace, job: Job) -> Path:
+    """Ask a running ``train`` job to render its validation prompts at its next step, without stopping it."""
+    from ..errors import ConfigError
+    from .records import RUNNING
+
+    if job.kind != "train" or job.state != RUNNING:
+        raise ConfigError(f"Sample now needs a running train job; {job.id} is a {job.kind} job that is {job.state}.")
+    path = sample_request_path(ws, job.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, f"{time.time()}\n")
+    return path
+
+
+def take_sample_request(ws: Workspace, job_id: str) -> bool:
+    """True once per request (the file is removed as it is taken)."""
+    path = sample_request_path(ws, job_id)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically (temporary file + rename): readers on other machines never see half a file."""
     atomic_write_text(path, json.dumps(data, sort_keys=True, default=str))

@@ -32,6 +32,15 @@ class Executor(ABC):
     @abstractmethod
     def stop(self, job_id: str) -> Job: ...
 
+    def sample_now(self, job_id: str) -> Job:
+        """Ask a running ``train`` job to render its validation prompts at its next step (it goes on
+        training); the grid shows in the job's progress (``validation_grid``) and ``metrics.jsonl``."""
+        from .channel import request_sample
+
+        job = self.get(job_id)
+        request_sample(self.ws, job)
+        return job
+
     @abstractmethod
     def resume(self, job_id: str, *, max_steps: int | None = None, owner: str | None = None,
                executor: str | None = None) -> Job: ...
