@@ -365,7 +365,8 @@ def test_app_refuses_a_non_loopback_interface_without_sign_in_unless_allow_open(
                                 stderr=subprocess.STDOUT)
         try:
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 90 and "running at" not in log.read_text():
+            # The sign-in line is printed after "running at" (a separate write): wait for both lines
+            while time.monotonic() - t0 < 90 and not ("running at" in (t := log.read_text()) and "Sign-in:" in t):
                 assert proc.poll() is None, log.read_text()
                 time.sleep(0.3)
             text = log.read_text()
