@@ -7,15 +7,13 @@ the follower channel and the start record that need no Slurm.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_ddp import SCRIPT
+from test_ddp import run_two_ranks
 from test_jobs import _done, _wait
 from test_slurm_jobs import _cluster_executor, jobs, procs  # noqa: F401 - fixtures
-from training_data import REPO, make_dataset, subprocess_env, tiny_train_config
+from training_data import make_dataset, tiny_train_config
 
 # The two-rank run of tests/test_ddp.py: 7 images, 1 held out, 2 images per step (one per rank), 4 steps.
 DP = dict(lora={"rank": 2, "alpha": 2.0}, hldf={"pixel_every": 2, "sample_steps": 2, "checkpointing": False},
@@ -71,18 +69,6 @@ def test_executors_add_takes_tasks_per_node_and_nodes_and_list_shows_them(ws, ca
 # =========================================================================================================
 # On the real local Slurm
 # =========================================================================================================
-def _torchrun(ws, tmp_path, cfg, port: int) -> None:
-    (tmp_path / "cfg.json").write_text(cfg.to_json())
-    (tmp_path / "script.py").write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port),
-                        str(tmp_path / "script.py"), str(ws.root), str(tmp_path / "cfg.json"), str(out)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-
-
 def _task_log(job, task: int) -> str:
     return (Path(job.remote_folder) / f"{job.remote_id}_{task}_log.out").read_text(errors="replace")
 
@@ -100,7 +86,7 @@ def test_a_two_task_slurm_train_job_equals_the_same_two_rank_torchrun(ws, store,
 
     make_dataset(ws, store, n=7)
     cfg = tiny_train_config(**DP)
-    _torchrun(ws, tmp_path, cfg, free_port())                        # run "ddp", launched the existing way
+    run_two_ranks(ws, tmp_path, cfg, free_port())                        # run "ddp", launched the existing way
     _cluster_executor(ws, slurm_cluster, "dp", tasks_per_node=2, cpus_per_task=1, mem_gb=2)
     job = jobs.submit("train", {"train": cfg.to_dict(), "run": "sdp"}, executor="dp")
     procs.supervisor()

@@ -16,26 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_jobs import Procs, _done, _wait
-
-
-@pytest.fixture
-def procs(ws, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    monkeypatch.setenv("MEDART_SLURM_POLL_S", "0.5")     # the Slurm polls, shortened for tests
-    pr = Procs(ws, tmp_path)
-    yield pr
-    pr.cleanup()
-
-
-@pytest.fixture
-def jobs(ws):
-    from medart_core.jobs import LocalExecutor
-
-    ex = LocalExecutor(ws, start_supervisor=False)      # the tests start their own supervisor (procs)
-    yield ex
-    ex.close()
+from test_jobs import _done, _wait
+from test_slurm_jobs import jobs, procs  # noqa: F401 - fixtures
 
 
 def _cluster_executor(ws, cluster, name="cluster"):
