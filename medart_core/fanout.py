@@ -75,10 +75,10 @@ def task_state(slurm_state: str) -> str:
     """pending or running for a Slurm state still in the queue (``slurm.ACTIVE_STATES``), "" once it left."""
     from . import slurm
 
-    state = (slurm_state or "").split()[0].rstrip("+") if (slurm_state or "").strip() else ""
-    if state in slurm._RUNNING_STATES:
+    state = slurm.base_state(slurm_state)
+    if state in slurm.RUNNING_STATES:
         return RUNNING
-    if state in slurm._WAITING_STATES:
+    if state in slurm.WAITING_STATES:
         return PENDING
     return ""
 
@@ -222,8 +222,7 @@ class ArrayRun:
             except slurm.SlurmError as e:
                 why = str(e)
         else:
-            state = (st.state or "").split()[0].rstrip("+") if (st.state or "").strip() else ""
-            if state == "COMPLETED":
+            if slurm.base_state(st.state) == "COMPLETED":
                 # Slurm says it finished, its result file is not visible yet: a shared filesystem's lag
                 t.left_at = t.left_at or time.monotonic()
                 if time.monotonic() - t.left_at < SETTLE_S:

@@ -809,6 +809,13 @@ def _png_params(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s[k] for k in keys}
 
 
+def load_image(path: str | os.PathLike) -> GeneratedImage:
+    """A saved image (``NNN_seedS.png``) with its sidecar, as :meth:`Generator.generate` returned it."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    return _image_from(path, sidecar, read_sidecar(sidecar))
+
+
 def _image_from(path: Path, sidecar: Path, s: dict[str, Any]) -> GeneratedImage:
     return GeneratedImage(path=path, sidecar=sidecar, prompt=s["prompt"], seed=int(s["seed"]), index=int(s["index"]),
                           checkpoint=s["checkpoint"], sha256=s["png_sha256"], is_random=bool(s["is_random"]),
@@ -969,6 +976,6 @@ def run_generate_job(ctx: Any) -> dict[str, Any]:
 __all__ = [
     "BASE", "SEED_RULE", "SAMPLER", "GenerationRequest", "GeneratedImage", "Generator", "ResolvedCheckpoint",
     "parse_checkpoint_ref", "list_checkpoint_refs", "resolve_checkpoint", "file_sha256", "truncation_warning",
-    "tokenizer_label", "read_sidecar", "load_settings", "recent_sidecars", "default_backbone", "get_generator",
+    "tokenizer_label", "read_sidecar", "load_image", "load_settings", "recent_sidecars", "default_backbone", "get_generator",
     "generate", "regenerate", "sidecar_precision", "png_bytes", "new_batch_id", "prepare_generate_job", "run_generate_job",
 ]

@@ -240,6 +240,13 @@ def poll(job_ids: Sequence[str]) -> dict[str, SlurmStatus]:
 _RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT"}
 _WAITING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
 ACTIVE_STATES = _RUNNING_STATES | _WAITING_STATES
+RUNNING_STATES, WAITING_STATES = frozenset(_RUNNING_STATES), frozenset(_WAITING_STATES)
+
+
+def base_state(slurm_state: str | None) -> str:
+    """The state's name alone: squeue/sacct print "CANCELLED+" or "CANCELLED by 0" for cancelled jobs."""
+    text = (slurm_state or "").strip()
+    return text.split()[0].rstrip("+") if text else ""
 _RESUME = "resume it to continue from its last checkpoint"
 _INTERRUPTIONS = {
     "CANCELLED": "The Slurm job was cancelled outside Med-Art (scancel or an administrator) before it finished",
@@ -282,8 +289,7 @@ def map_state(slurm_state: str, reason: str, has_final_record: bool,
     ``has_final_record``: the job wrote its own final record (done/failed/stopped), which stands as
     written: the state returned is then None. A stop asked through Med-Art is the caller's business (the
     ledger says ``stopping``); here CANCELLED means someone else cancelled the job."""
-    state = (slurm_state or "").split()[0] if (slurm_state or "").strip() else ""
-    state = state.rstrip("+")  # sacct/squeue print "CANCELLED+" or "CANCELLED by 0" for cancelled jobs
+    state = base_state(slurm_state)
     if has_final_record:
         return None, "The job's own final record stands."
     if state in ("SUSPENDED", "STOPPED"):

@@ -221,7 +221,7 @@ def job_images(ctx: StudioContext, job: Job | None) -> list[G.GeneratedImage]:
         if root not in p.parents:
             continue
         try:
-            out.append(G._image_from(p, p.with_suffix(".json"), G.read_sidecar(p)))
+            out.append(G.load_image(p))
         except (MedArtError, KeyError, ValueError):
             continue
     return out

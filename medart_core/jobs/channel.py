@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..workspace import Workspace, validate_name
-from .records import Job, jobs_dir
+from .records import RUNNING, Job, jobs_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import JobLedger
@@ -56,9 +57,6 @@ def sample_request_path(ws: Workspace, job_id: str) -> Path:
 
 def request_sample(ws: Workspace, job: Job) -> Path:
     """Ask a running ``train`` job to render its validation prompts at its next step, without stopping it."""
-    from ..errors import ConfigError
-    from .records import RUNNING
-
     if job.kind != "train" or job.state != RUNNING:
         raise ConfigError(f"Sample now needs a running train job; {job.id} is a {job.kind} job that is {job.state}.")
     path = sample_request_path(ws, job.id)

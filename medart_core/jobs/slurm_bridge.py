@@ -131,7 +131,7 @@ class SlurmBridge:
         folder = attempt_dir(self.ws, job.id, job.attempt)
         rep = read_remote(folder)           # after Slurm's answer: a final record is never missed
         mapped, message = slurm.map_state(st.state, st.reason, rep.final is not None, st.exit_code)
-        slurm_state = (st.state or "").split()[0].rstrip("+") if (st.state or "").strip() else ""
+        slurm_state = slurm.base_state(st.state)
         if job.state == QUEUED and (mapped != QUEUED or rep.final is not None):
             if self.ledger.remote_running(job.id, job.attempt):
                 self.say(f"{job.id}: running on {job.executor} (Slurm job {job.remote_id})")
